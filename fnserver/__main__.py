@@ -1,0 +1,98 @@
+"""``fnserver`` command: start the server on its embedded defaults (see ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import ServerConfig
+
+__all__ = ["main", "parse_args"]
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    """Turn the command line into a :class:`ServerConfig`."""
+    d = ServerConfig()
+    p = argparse.ArgumentParser(
+        prog="fnserver",
+        description="Self-hosted serverless functions: register WebAssembly, Go, C, Zig or native "
+        "functions and invoke them in a sandbox over a msgpack/TCP protocol.",
+    )
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"TCP port, 0 for any (default {d.port})")
+    p.add_argument("--data-dir", type=Path, default=d.data_dir, help="where functions are stored (default ./functions)")
+    p.add_argument("--token", default=None, help="shared secret clients must send in HELLO (default: none)")
+    p.add_argument("--workers", type=int, default=None, help="invocation worker processes (default: one per CPU)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help=f"invocations that may wait for a worker (default {d.max_queue})")
+    p.add_argument("--per-function", type=int, default=None, help="workers one function may use at once (default: half the pool, at least 1)")
+    p.add_argument("--max-upload-mb", type=int, default=d.max_upload // (1024 * 1024), help="largest upload in MiB (default 64)")
+    p.add_argument("--default-timeout-ms", type=int, default=d.default_timeout_ms, help=f"function time limit when none is set (default {d.default_timeout_ms})")
+    p.add_argument("--max-timeout-ms", type=int, default=d.max_timeout_ms, help=f"largest time limit a function may ask for (default {d.max_timeout_ms})")
+    p.add_argument("--default-memory-mb", type=int, default=d.default_memory_mb, help=f"function memory limit when none is set (default {d.default_memory_mb})")
+    p.add_argument("--max-memory-mb", type=int, default=d.max_memory_mb, help=f"largest memory limit a function may ask for (default {d.max_memory_mb})")
+    p.add_argument("--max-builds", type=int, default=d.max_builds, help=f"builds running at once (default {d.max_builds})")
+    p.add_argument("--build-timeout", type=float, default=d.build_timeout_s, help=f"seconds a build may take (default {d.build_timeout_s:g})")
+    p.add_argument("--no-warm", action="store_true", help="do not warm the C toolchain cache at start")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"fnserver {__version__}")
+    a = p.parse_args(argv)
+    if a.workers is not None and a.workers < 1:
+        p.error("--workers must be at least 1")
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return ServerConfig(
+        host=a.host,
+        port=a.port,
+        data_dir=a.data_dir,
+        token=a.token,
+        workers=a.workers,
+        max_queue=a.max_queue,
+        per_function=a.per_function,
+        max_upload=a.max_upload_mb * 1024 * 1024,
+        default_timeout_ms=a.default_timeout_ms,
+        max_timeout_ms=a.max_timeout_ms,
+        default_memory_mb=a.default_memory_mb,
+        max_memory_mb=a.max_memory_mb,
+        max_builds=a.max_builds,
+        build_timeout_s=a.build_timeout,
+        warm_builds=not a.no_warm,
+    )
+
+
+async def _serve(config: ServerConfig) -> None:
+    from .server import FnServer
+
+    server = FnServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_signal() -> None:
+        # A second signal while stopping is ignored: the first one already bounds the wait.
+        if not stopping:
+            stopping.append(loop.create_task(server.stop()))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    await server.serve_until_stopped()
+    for task in stopping:
+        await task
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``fnserver`` console script."""
+    config = parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        asyncio.run(_serve(config))
+    else:
+        uvloop.run(_serve(config))
+
+
+if __name__ == "__main__":
+    main()

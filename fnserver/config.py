@@ -1,0 +1,47 @@
+"""Server settings: one frozen record, built from the command line (``fnserver --help``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .protocol import CHUNK_SIZE, DEFAULT_MAX_FRAME
+
+__all__ = ["ServerConfig"]
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs to know at start; the defaults are the embedded setup."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("./functions")
+    token: str | None = None
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_upload: int = 64 * MiB
+    chunk_size: int = CHUNK_SIZE
+    #: Function limits: defaults when a register names none, and the most a register may ask.
+    default_timeout_ms: int = 5_000
+    max_timeout_ms: int = 300_000
+    default_memory_mb: int = 128
+    max_memory_mb: int = 2048
+    output_bytes: int = 6 * MiB
+    #: Invocation workers; None means one per CPU.
+    workers: int | None = None
+    max_queue: int = 1024
+    per_function: int | None = None
+    max_builds: int = 2
+    build_timeout_s: float = 120.0
+    build_memory_mb: int = 4096
+    #: How long in-flight requests may run on after SIGINT/SIGTERM before they get UNAVAILABLE.
+    shutdown_grace_s: float = 3.0
+    #: Warm zig's wasi-libc cache in the background at start (the first C build costs ~20 s).
+    warm_builds: bool = True
+
+    @property
+    def cache_dir(self) -> Path:
+        """Build caches (Go build cache, zig cache, scratch dirs) live beside the functions."""
+        return self.data_dir / ".cache"

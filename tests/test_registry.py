@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -463,6 +464,7 @@ def test_readers_see_consistent_index_during_writes(reg: Registry) -> None:
             assert item["latest"] == item["versions"][-1]
         rec = reg.resolve("f")
         assert rec.path.name == str(rec.version) == str(rec.meta["version"])
+        time.sleep(0)  # let the writer have the GIL now and then
     t.join()
     assert errors == []
     assert len(reg.list()) == 31

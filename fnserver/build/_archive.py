@@ -68,7 +68,7 @@ def _check_entries(infos: list[zipfile.ZipInfo], lim: ArchiveLimits) -> list[zip
     keep: list[zipfile.ZipInfo] = []
     for info in infos:
         raw = info.orig_filename
-        shown = raw.replace("\0", "\\0")
+        shown = raw  # _refuse uses repr(), which escapes NUL and control characters
         if "\0" in raw:
             _refuse(shown, "has a NUL byte in its name")
         if "\\" in raw:

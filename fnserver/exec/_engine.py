@@ -63,7 +63,6 @@ def precompiled_name() -> str:
 def make_engine() -> wasmtime.Engine:
     """Build the engine from :func:`engine_settings` (worker side)."""
     import wasmtime
-
     from wasmtime import _ffi
 
     config = wasmtime.Config()

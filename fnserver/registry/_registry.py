@@ -81,7 +81,7 @@ class _Entry:
         return meta
 
     def versions_text(self) -> str:
-        return ", ".join(map(str, self.versions)) or "none"
+        return ", ".join(map(str, self.versions))
 
 
 class Registry:

@@ -94,7 +94,11 @@ class LocalStore:
 
     def new_staging(self) -> Path:
         """A fresh, unique, empty directory under the staging root."""
-        return Path(tempfile.mkdtemp(dir=self.staging_root))
+        path = Path(tempfile.mkdtemp(dir=self.staging_root))
+        # mkdtemp makes it 0700; the renamed version dir must be readable by the invocation
+        # workers, which drop to an unprivileged uid when the server runs as root.
+        path.chmod(0o755)
+        return path
 
     def is_staging(self, path: Path) -> bool:
         """Whether ``path`` is a directory this store handed out from staging."""

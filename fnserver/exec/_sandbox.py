@@ -1,0 +1,207 @@
+"""Worker-process hardening on Linux, all through ctypes and best effort.
+
+Runs once at worker start, before any guest code. Each step is applied where the host allows
+and recorded in :class:`SandboxInfo` otherwise; nothing here raises on a refusing host.
+
+Order matters:
+1. child subreaper: every process a native binary leaves behind (even after ``setsid``) is
+   reparented to the worker, which kills and reaps them after each call;
+2. ``unshare(CLONE_NEWNET)`` (needs CAP_SYS_ADMIN, so before dropping root): guests and native
+   binaries get a network namespace with only a down loopback;
+3. hard rlimits on the worker itself, inherited by native children from their first
+   instruction (NOFILE, CORE, FSIZE, NPROC); per-call limits are lowered further with
+   ``prlimit`` right after spawn;
+4. when root: drop to a dedicated uid/gid ``60000 + index`` so RLIMIT_NPROC is enforced (root
+   ignores it) and ``kill(-1, SIGKILL)`` reaches exactly this worker's leftovers. The worker
+   keeps CAP_DAC_OVERRIDE only, to write precompiled modules into root-owned version dirs;
+   ``no_new_privs`` plus a non-zero uid means a native child's execve clears every capability;
+5. parent-death signal, so a dead server leaves no worker behind (set after the uid change,
+   which would clear it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+__all__ = ["SandboxInfo", "kill_descendants", "setup_worker", "SANDBOX_UID_BASE"]
+
+SANDBOX_UID_BASE: Final = 60000
+_PR_SET_PDEATHSIG: Final = 1
+_PR_SET_KEEPCAPS: Final = 8
+_PR_SET_CHILD_SUBREAPER: Final = 36
+_PR_SET_NO_NEW_PRIVS: Final = 38
+_CLONE_NEWNET: Final = 0x40000000
+_CAP_VERSION_3: Final = 0x20080522
+_CAP_DAC_OVERRIDE: Final = 1
+
+#: Worker hard limits, inherited by native children before prlimit narrows them.
+WORKER_NOFILE: Final = 256
+WORKER_FSIZE: Final = 1 << 30  # bounds the precompiled files the worker writes itself
+WORKER_AS: Final = 8 << 30  # backstop for wasmtime itself; guests are bounded by the Store
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+@dataclass
+class SandboxInfo:
+    """What the worker managed to apply; reported to the parent in the ready frame."""
+
+    uid: int | None = None  # dedicated uid when dropped from root, else None
+    subreaper: bool = False
+    netns: bool = False
+    refused: list[str] = field(default_factory=list)
+
+    @property
+    def nproc_enforced(self) -> bool:
+        return self.uid is not None
+
+
+def _prctl(option: int, arg: int) -> bool:
+    return _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) == 0
+
+
+def _errno() -> str:
+    return os.strerror(ctypes.get_errno())
+
+
+def worker_nproc() -> int:
+    """Hard RLIMIT_NPROC of a worker: its own threads (wasmtime compiles on one per CPU)
+    plus room for the processes a native call may start."""
+    return 64 + 4 * (os.cpu_count() or 1)
+
+
+def setup_worker(index: int) -> SandboxInfo:
+    """Harden the current (worker) process; see the module docstring."""
+    info = SandboxInfo()
+    info.subreaper = _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    if not info.subreaper:
+        info.refused.append(f"subreaper: {_errno()}")
+    if _libc.unshare(_CLONE_NEWNET) == 0:
+        info.netns = True
+    else:
+        info.refused.append(f"unshare(CLONE_NEWNET): {_errno()}")
+    # Writes past a cap must fail with EFBIG in the worker, not kill it.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limits = [
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NOFILE, WORKER_NOFILE),
+        (resource.RLIMIT_FSIZE, WORKER_FSIZE),
+        (resource.RLIMIT_AS, WORKER_AS),
+    ]
+    root = os.geteuid() == 0
+    if root:
+        limits.append((resource.RLIMIT_NPROC, worker_nproc()))
+    for which, value in limits:
+        soft, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        try:
+            resource.setrlimit(which, (value, value))
+        except (OSError, ValueError) as exc:
+            info.refused.append(f"setrlimit({which}): {exc}")
+    if root:
+        _drop_root(SANDBOX_UID_BASE + index, info)
+    if not _prctl(_PR_SET_NO_NEW_PRIVS, 1):
+        info.refused.append(f"no_new_privs: {_errno()}")
+    if not _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL):
+        info.refused.append(f"pdeathsig: {_errno()}")
+    if info.uid is not None:
+        # Leftovers of a previous worker in this slot run under this uid: kill them now.
+        kill_descendants(info, startup=True)
+    return info
+
+
+def _drop_root(uid: int, info: SandboxInfo) -> None:
+    try:
+        if not _prctl(_PR_SET_KEEPCAPS, 1):
+            raise OSError(ctypes.get_errno(), "PR_SET_KEEPCAPS: " + _errno())
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    except OSError as exc:
+        info.refused.append(f"drop to uid {uid}: {exc}")
+        return
+    info.uid = uid
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    data[0].effective = data[0].permitted = 1 << _CAP_DAC_OVERRIDE
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        info.refused.append(f"capset(CAP_DAC_OVERRIDE): {_errno()} (precompiled writes may fail)")
+    _prctl(_PR_SET_KEEPCAPS, 0)
+
+
+def _reap_all() -> None:
+    """Reap every child until none is left (blocking: they were all SIGKILLed)."""
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+
+
+def _children() -> list[int]:
+    pids: list[int] = []
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return pids
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.extend(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return pids
+
+
+def kill_descendants(info: SandboxInfo, *, startup: bool = False) -> int:
+    """SIGKILL and reap every remaining descendant; return how many rounds it took.
+
+    With a dedicated uid, ``kill(-1, SIGKILL)`` hits exactly the processes of this uid except
+    the worker itself, including ones that called setsid. Otherwise the worker walks its own
+    children (orphans come back to it as subreaper) until none is left.
+    """
+    for rounds in range(64):
+        if info.uid is not None:
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                return rounds
+            except PermissionError:
+                return rounds
+            if startup:
+                # Leftovers are not our children: give their reaper a moment, do not wait.
+                time.sleep(0.01)
+                continue
+            _reap_all()
+        else:
+            pids = _children()
+            if not pids:
+                return rounds
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            _reap_all()
+    return 64

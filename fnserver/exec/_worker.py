@@ -1,0 +1,524 @@
+"""Worker process: ``python -m fnserver.exec._worker <index>``.
+
+Speaks length-prefixed msgpack (``fnserver.protocol`` frames) over its stdin/stdout pipes with
+the pool, one job at a time. Requests carry ``op`` = ``"invoke"`` or ``"precompile"``; replies
+carry ``ok`` plus either the result fields or an error ``code``/``message``/``details``. Before
+a cold compile it sends ``{"compiling": true}``, and ``{"compiling": false}`` once the module
+is ready, so the parent's deadline covers the guest and not the compile.
+
+Everything hostile happens here, never in the server: parsing and compiling untrusted wasm,
+running guests, spawning native binaries. A crash costs one worker, which the pool replaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+import resource
+import select
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Final
+
+import wasmtime
+from wasmtime import _ffi
+
+from ..protocol import FrameDecoder, encode_frame
+from ..protocol.errors import (
+    FnError,
+    FunctionTimeoutError,
+    InternalError,
+    InvalidArgumentError,
+    MemoryLimitError,
+    TrapError,
+)
+from ._engine import EPOCH_TICK_S, make_engine, precompiled_name
+from ._sandbox import WORKER_FSIZE, SandboxInfo, kill_descendants, setup_worker
+
+PIPE_MAX_FRAME: Final = 1 << 30
+#: Ready modules kept per worker; Go modules are ~5 MB mmapped, C ones ~15 KB.
+CACHE_MAX_MODULES: Final = 64
+CACHE_MAX_BYTES: Final = 512 * 1024 * 1024
+#: stderr is diagnostics: returned up to this much (and never past the output cap).
+STDERR_MAX: Final = 64 * 1024
+#: Native processes a single call may run at once, on top of the worker's own threads.
+NATIVE_NPROC: Final = 32
+NATIVE_NOFILE: Final = 64
+WASI_MODULE: Final = "wasi_snapshot_preview1"
+#: Host stack for guests: wasm may use up to max_wasm_stack (8 MiB) on top of the host frames.
+GUEST_THREAD_STACK: Final = 32 * 1024 * 1024
+
+
+@dataclass
+class _Ready:
+    pre: wasmtime.InstancePre
+    module: wasmtime.Module
+    size: int
+
+
+def _memfd(name: str) -> int:
+    return os.memfd_create(name, os.MFD_CLOEXEC)
+
+
+def _read_fd(fd: int, limit: int) -> tuple[bytes, int]:
+    """Return up to ``limit`` bytes of a memfd from offset 0, and its total size."""
+    size = os.fstat(fd).st_size
+    return os.pread(fd, min(size, limit), 0), size
+
+
+class Worker:
+    """The job loop of one worker process."""
+
+    def __init__(self, rfd: int, wfd: int, info: SandboxInfo) -> None:
+        self.rfd, self.wfd, self.info = rfd, wfd, info
+        self.engine = make_engine()
+        self.linker = wasmtime.Linker(self.engine)
+        self.linker.define_wasi()
+        self.cache: OrderedDict[tuple[str, int, int], _Ready] = OrderedDict()
+        self.cache_bytes = 0
+        self.cwasm = precompiled_name()
+        self.out_fd = _memfd("stdout")
+        self.err_fd = _memfd("stderr")
+        self._out_path = f"/proc/self/fd/{self.out_fd}"
+        self._err_path = f"/proc/self/fd/{self.err_fd}"
+        # Ticker state: the ticker advances the epoch while a guest runs, and forces the
+        # deadline when the guest's output passed its cap (a flooding guest ignores EFBIG).
+        self._active = threading.Event()
+        self._cap = 0
+        self._deadline_ticks = 0
+        self.flooded = False
+        self._ticker = threading.Thread(target=self._tick, name="epoch-ticker", daemon=True)
+        self._ticker.start()
+        self.scratch = tempfile.mkdtemp(prefix="fnserver-worker-")
+        os.chdir(self.scratch)
+
+    # -- pipe -------------------------------------------------------------------------------
+
+    def send(self, body: dict[str, Any]) -> None:
+        view = memoryview(encode_frame(body))
+        while view:
+            n = os.write(self.wfd, view)
+            view = view[n:]
+
+    def serve(self) -> None:
+        """Read requests until the parent closes the pipe."""
+        decoder = FrameDecoder(PIPE_MAX_FRAME)
+        self.send(
+            {
+                "ready": True,
+                "uid": self.info.uid,
+                "refused": self.info.refused,
+                "netns": self.info.netns,
+                "subreaper": self.info.subreaper,
+            }
+        )
+        while True:
+            chunk = os.read(self.rfd, 1 << 20)
+            if not chunk:
+                return
+            decoder.feed(chunk)
+            while (req := decoder.next_frame()) is not None:
+                self.send(self.handle(req))
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            if req["op"] == "invoke":
+                if req["mode"] == "native":
+                    result = self.run_native(req)
+                else:
+                    result = self.run_wasm(req)
+            elif req["op"] == "precompile":
+                self.precompile(req["dir"])
+                result = {}
+            else:
+                raise InternalError(f"unknown worker op {req['op']!r}")
+        except FnError as exc:
+            return {"ok": False, **exc.to_wire()}
+        except Exception as exc:  # a bug here must become an error reply, not a dead worker
+            return {"ok": False, "code": "INTERNAL", "message": f"worker: {exc!r}", "details": {}}
+        return {"ok": True, **result}
+
+    # -- modules ----------------------------------------------------------------------------
+
+    def _compile(self, wasm: bytes) -> wasmtime.Module:
+        if wasm[:4] != b"\0asm":
+            # wasmtime would also accept WAT text here; only binary modules are functions.
+            raise InvalidArgumentError("not a WebAssembly module: missing the \\0asm magic")
+        try:
+            wasmtime.Module.validate(self.engine, wasm)
+            module = wasmtime.Module(self.engine, wasm)
+        except wasmtime.WasmtimeError as exc:
+            raise InvalidArgumentError(f"not a WebAssembly module: {exc}") from None
+        for imp in module.imports:
+            if imp.module != WASI_MODULE:
+                raise InvalidArgumentError(
+                    f"not a WASI command: imports {imp.module}.{imp.name}; only "
+                    f"{WASI_MODULE} is provided"
+                )
+        start = [e for e in module.exports if e.name == "_start"]
+        if not start or not isinstance(start[0].type, wasmtime.FuncType):
+            raise InvalidArgumentError("not a WASI command: no exported _start function")
+        return module
+
+    def _write_cwasm(self, version_dir: str, module: wasmtime.Module) -> None:
+        """Write the precompiled module atomically; drop files of other engine keys."""
+        final = os.path.join(version_dir, self.cwasm)
+        fd, tmp = tempfile.mkstemp(prefix=".cwasm-", dir=version_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(module.serialize())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        for name in os.listdir(version_dir):
+            if name.startswith("main.") and name.endswith(".cwasm") and name != self.cwasm:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(version_dir, name))
+
+    def precompile(self, version_dir: str) -> None:
+        try:
+            with open(os.path.join(version_dir, "main.wasm"), "rb") as f:
+                wasm = f.read()
+        except OSError as exc:
+            raise InvalidArgumentError(f"cannot read main.wasm: {exc.strerror}") from None
+        module = self._compile(wasm)
+        try:
+            pre = self.linker.instantiate_pre(module)
+        except wasmtime.WasmtimeError as exc:
+            raise InvalidArgumentError(f"not a WASI command: {exc}") from None
+        self._write_cwasm(version_dir, module)
+        st = os.stat(os.path.join(version_dir, "main.wasm"))
+        self._remember((version_dir, st.st_ino, st.st_mtime_ns), _Ready(pre, module, len(wasm)))
+
+    def _remember(self, key: tuple[str, int, int], ready: _Ready) -> None:
+        old = self.cache.pop(key, None)
+        if old is not None:
+            self.cache_bytes -= old.size
+        self.cache[key] = ready
+        self.cache_bytes += ready.size
+        while len(self.cache) > CACHE_MAX_MODULES or (
+            self.cache_bytes > CACHE_MAX_BYTES and len(self.cache) > 1
+        ):
+            _, gone = self.cache.popitem(last=False)
+            self.cache_bytes -= gone.size
+
+    def ready_module(self, version_dir: str) -> _Ready:
+        """The warm module of a version: LRU hit, else the precompiled file, else compile."""
+        wasm_path = os.path.join(version_dir, "main.wasm")
+        try:
+            st = os.stat(wasm_path)
+        except OSError as exc:
+            raise InternalError(f"cannot read main.wasm: {exc.strerror}") from None
+        key = (version_dir, st.st_ino, st.st_mtime_ns)
+        ready = self.cache.get(key)
+        if ready is not None:
+            self.cache.move_to_end(key)
+            return ready
+        cwasm = os.path.join(version_dir, self.cwasm)
+        module: wasmtime.Module | None = None
+        try:
+            # mmap; same wasmtime version and engine settings only, which the name guarantees.
+            module = wasmtime.Module.deserialize_file(self.engine, cwasm)
+            size = os.stat(cwasm).st_size
+        except (wasmtime.WasmtimeError, OSError):
+            module = None
+        if module is None:
+            self.send({"compiling": True})
+            with open(wasm_path, "rb") as f:
+                wasm = f.read()
+            module = self._compile(wasm)
+            size = len(wasm)
+            with contextlib.suppress(OSError):  # a read-only dir only costs the next cold start
+                self._write_cwasm(version_dir, module)
+            self.send({"compiling": False})
+        try:
+            pre = self.linker.instantiate_pre(module)
+        except wasmtime.WasmtimeError as exc:
+            raise InvalidArgumentError(f"not a WASI command: {exc}") from None
+        ready = _Ready(pre, module, size)
+        self._remember(key, ready)
+        return ready
+
+    # -- wasm -------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        while True:
+            self._active.wait()
+            time.sleep(EPOCH_TICK_S)
+            self.engine.increment_epoch()
+            if not self._active.is_set() or self.flooded:
+                continue
+            try:
+                over = (
+                    os.fstat(self.out_fd).st_size > self._cap
+                    or os.fstat(self.err_fd).st_size > self._cap
+                )
+            except OSError:
+                continue
+            if over:
+                # RLIMIT_FSIZE already makes further writes fail; stop the guest now.
+                self.flooded = True
+                for _ in range(self._deadline_ticks + 2):
+                    self.engine.increment_epoch()
+
+    def _wasi(self, req: dict[str, Any]) -> wasmtime.WasiConfig:
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = [req["function"], *req["args"]]
+        data: bytes = req["input"]
+        vec = _ffi.wasm_byte_vec_t()
+        if data:
+            buf = (ctypes.c_ubyte * len(data)).from_buffer_copy(data)
+            _ffi.wasm_byte_vec_new(ctypes.byref(vec), len(data), buf)
+        else:
+            _ffi.wasm_byte_vec_new_empty(ctypes.byref(vec))
+        # Takes ownership of the vector (MEASURED.md): no temp file for stdin.
+        _ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))
+        wasi.stdout_file = self._out_path
+        wasi.stderr_file = self._err_path
+        return wasi
+
+    def _reset_outputs(self) -> None:
+        # A native child shares these file descriptions (dup2): rewind, or it writes at the
+        # previous call's offset and leaves a hole.
+        for fd in (self.out_fd, self.err_fd):
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+
+    def run_wasm(self, req: dict[str, Any]) -> dict[str, Any]:
+        ready = self.ready_module(req["dir"])
+        cap: int = req["output_bytes"]
+        mem_limit = req["memory_mb"] * 1024 * 1024
+        timeout_ms: int = req["timeout_ms"]
+        name = req["function"]
+        store = wasmtime.Store(self.engine)
+        store.set_limits(memory_size=mem_limit)
+        ticks = math.ceil(timeout_ms / 1000 / EPOCH_TICK_S) + 1
+        self._reset_outputs()
+        store.set_wasi(self._wasi(req))
+        exit_code = 0
+        failure: BaseException | None = None
+        self._cap, self._deadline_ticks, self.flooded = cap, ticks, False
+        # Writes past cap+1 bytes fail with EFBIG (SIGXFSZ is ignored in the worker).
+        resource.setrlimit(resource.RLIMIT_FSIZE, (cap + 1, WORKER_FSIZE))
+        started = time.perf_counter_ns()
+        instance: wasmtime.Instance | None = None
+        try:
+            store.set_epoch_deadline(ticks)
+            self._active.set()
+            instance = ready.pre.instantiate(store)
+            start = instance.exports(store)["_start"]
+            assert isinstance(start, wasmtime.Func)
+            start(store)
+        except wasmtime.ExitTrap as exc:
+            exit_code = exc.code
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            failure = exc
+        finally:
+            self._active.clear()
+            resource.setrlimit(resource.RLIMIT_FSIZE, (WORKER_FSIZE, WORKER_FSIZE))
+        duration_us = (time.perf_counter_ns() - started) // 1000
+        memory = 0
+        if instance is not None:
+            mem = instance.exports(store).get("memory")
+            if isinstance(mem, wasmtime.Memory):
+                memory = mem.data_len(store)
+        output, out_size = _read_fd(self.out_fd, cap)
+        stderr, _ = _read_fd(self.err_fd, min(cap, STDERR_MAX))
+        truncated = out_size > cap or self.flooded
+        instantiated = instance is not None
+        # Close the store now: its files and memory go before the reply is sent.
+        del instance
+        store.close()
+        near_limit = mem_limit - memory < max(1 << 20, mem_limit // 16)
+        if failure is not None:
+            if self.flooded:
+                exit_code = -1  # stopped for flooding its output; see InvokeResult docs
+            elif isinstance(failure, wasmtime.Trap):
+                code = failure.trap_code
+                if code == wasmtime.TrapCode.INTERRUPT:
+                    raise FunctionTimeoutError(
+                        f"function {name!r} timed out after {timeout_ms} ms",
+                        {"timeout_ms": timeout_ms, "stderr": stderr},
+                    )
+                if near_limit:
+                    raise self._memory_error(name, req["memory_mb"], memory, stderr)
+                kind = code.name.lower() if code is not None else "unknown"
+                raise TrapError(
+                    f"function {name!r} trapped: {kind}",
+                    {"trap": kind, "stderr": stderr, "message": failure.message[:2000]},
+                )
+            else:
+                msg = str(failure)
+                if not instantiated and "memory" in msg and "limit" in msg:
+                    # Instantiation refused: the declared minimum is over the Store limit.
+                    raise self._memory_error(name, req["memory_mb"], memory, stderr)
+                raise TrapError(
+                    f"function {name!r} failed: {msg[:500]}",
+                    {"trap": "error", "stderr": stderr, "message": msg[:2000]},
+                )
+        elif exit_code != 0 and near_limit:
+            raise self._memory_error(name, req["memory_mb"], memory, stderr)
+        return {
+            "output": output,
+            "stderr": stderr,
+            "exit_code": exit_code,
+            "truncated": truncated,
+            "duration_us": duration_us,
+            "memory_peak": memory,
+        }
+
+    @staticmethod
+    def _memory_error(name: str, memory_mb: int, memory: int, stderr: bytes) -> MemoryLimitError:
+        return MemoryLimitError(
+            f"function {name!r} hit its memory limit of {memory_mb} MiB",
+            {"memory_mb": memory_mb, "memory": memory, "stderr": stderr},
+        )
+
+    # -- native -----------------------------------------------------------------------------
+
+    def run_native(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Run main.bin under rlimits in a new session; kill everything it left behind."""
+        name: str = req["function"]
+        path = os.path.join(req["dir"], "main.bin")
+        cap: int = req["output_bytes"]
+        timeout_ms: int = req["timeout_ms"]
+        cpu_s = max(1, math.ceil(timeout_ms / 1000))
+        workdir = tempfile.mkdtemp(prefix="call-", dir=self.scratch)
+        in_fd = _memfd("stdin")
+        try:
+            data: bytes = req["input"]
+            view = memoryview(data)
+            while view:
+                view = view[os.write(in_fd, view) :]
+            os.lseek(in_fd, 0, os.SEEK_SET)
+            self._reset_outputs()
+            os.chdir(workdir)
+            # The child inherits soft FSIZE = cap + 1 from its first instruction; prlimit then
+            # lowers its hard limit so it cannot raise it back.
+            resource.setrlimit(resource.RLIMIT_FSIZE, (cap + 1, WORKER_FSIZE))
+            started = time.perf_counter_ns()
+            try:
+                pid = os.posix_spawn(
+                    path,
+                    [name, *req["args"]],
+                    {},
+                    file_actions=[
+                        (os.POSIX_SPAWN_DUP2, in_fd, 0),
+                        (os.POSIX_SPAWN_DUP2, self.out_fd, 1),
+                        (os.POSIX_SPAWN_DUP2, self.err_fd, 2),
+                    ],
+                    setsid=True,
+                    setsigmask=(),
+                    setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                )
+            except OSError as exc:
+                raise InvalidArgumentError(
+                    f"cannot execute main.bin: {exc.strerror}", {"errno": exc.errno}
+                ) from None
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (WORKER_FSIZE, WORKER_FSIZE))
+                os.chdir(self.scratch)
+            self._limit_child(pid, req, cpu_s, cap)
+            timed_out = self._wait(pid, timeout_ms)
+            _, status, usage = os.wait4(pid, 0)
+            duration_us = (time.perf_counter_ns() - started) // 1000
+        finally:
+            kill_descendants(self.info)
+            os.close(in_fd)
+            shutil.rmtree(workdir, ignore_errors=True)
+        output, out_size = _read_fd(self.out_fd, cap)
+        stderr, _ = _read_fd(self.err_fd, min(cap, STDERR_MAX))
+        self._reset_outputs()
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+        cpu_used = usage.ru_utime + usage.ru_stime
+        if timed_out or sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_used >= cpu_s):
+            raise FunctionTimeoutError(
+                f"function {name!r} timed out after {timeout_ms} ms",
+                {"timeout_ms": timeout_ms, "stderr": stderr},
+            )
+        # Shell convention for signal deaths (SIGXFSZ after flooding stdout: 153).
+        exit_code = 128 + sig if sig else os.WEXITSTATUS(status)
+        return {
+            "output": output,
+            "stderr": stderr,
+            "exit_code": exit_code,
+            "truncated": out_size > cap or sig == signal.SIGXFSZ,
+            "duration_us": duration_us,
+            # ru_maxrss: posix_spawn's vfork-style child starts on the worker's pages, so this
+            # is an upper bound that includes the worker's RSS at spawn (~30 MiB).
+            "memory_peak": usage.ru_maxrss * 1024,
+        }
+
+    def _limit_child(self, pid: int, req: dict[str, Any], cpu_s: int, cap: int) -> None:
+        """Per-call limits, applied microseconds after spawn (MEASURED.md: costs nothing)."""
+        limits = [
+            (resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)),
+            (resource.RLIMIT_AS, (req["memory_mb"] << 20,) * 2),
+            (resource.RLIMIT_FSIZE, (cap + 1, cap + 1)),
+            (resource.RLIMIT_NOFILE, (NATIVE_NOFILE, NATIVE_NOFILE)),
+            (resource.RLIMIT_CORE, (0, 0)),
+        ]
+        if self.info.uid is not None:
+            # NPROC counts every task of the uid, the worker's own threads included.
+            own = len(os.listdir("/proc/self/task"))
+            limits.append((resource.RLIMIT_NPROC, (own + NATIVE_NPROC,) * 2))
+        for which, value in limits:
+            with contextlib.suppress(OSError, ValueError):
+                resource.prlimit(pid, which, value)
+
+    @staticmethod
+    def _wait(pid: int, timeout_ms: int) -> bool:
+        """Wait for the child's exit; on the deadline kill its process group. True if killed."""
+        pidfd = os.pidfd_open(pid)
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            deadline = time.monotonic() + timeout_ms / 1000
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if poller.poll(max(1, math.ceil(left * 1000))):
+                    return False
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            return True
+        finally:
+            os.close(pidfd)
+
+
+def main() -> None:
+    """Entry point: harden the process, then serve the pipe on a big-stack thread."""
+    index = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    # Keep the pipes off fds 0/1 so nothing (a stray print, a native child) can touch them.
+    rfd = os.dup(0)
+    wfd = os.dup(1)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(2, 1)
+    os.close(null)
+    sys.stdout = sys.stderr
+    info = setup_worker(index)
+    worker = Worker(rfd, wfd, info)
+    # wasm runs on the calling host thread: give it room for the 8 MiB wasm stack.
+    threading.stack_size(GUEST_THREAD_STACK)
+    thread = threading.Thread(target=worker.serve, name="serve")
+    thread.start()
+    thread.join()
+
+
+if __name__ == "__main__":
+    main()

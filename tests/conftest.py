@@ -1,0 +1,95 @@
+"""Shared fixtures: a real fnserver on port 0 per test, and clients that talk to it over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from fnclient import AsyncClient
+from fnserver.config import ServerConfig
+from fnserver.server import FnServer
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    # Production runs on uvloop, so the tests do too.
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+def server_config(tmp_path: Path) -> ServerConfig:
+    """Embedded defaults, but port 0, a private data dir, two workers and no toolchain warm-up."""
+    return ServerConfig(
+        port=0,
+        data_dir=tmp_path / "data",
+        workers=2,
+        warm_builds=False,
+        shutdown_grace_s=1.0,
+    )
+
+
+class ServerHandle:
+    """Start, stop and restart a real server on the same data directory."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.server: FnServer | None = None
+
+    async def start(self, **changes: Any) -> FnServer:
+        if changes:
+            self.config = replace(self.config, **changes)
+        self.server = FnServer(self.config)
+        await self.server.start()
+        # A restart gets a new port; keep it in the config so later restarts are independent.
+        return self.server
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return self.server.address
+
+
+@pytest.fixture
+async def handle(server_config: ServerConfig) -> AsyncIterator[ServerHandle]:
+    h = ServerHandle(server_config)
+    await h.start()
+    try:
+        yield h
+    finally:
+        await h.stop()
+
+
+@pytest.fixture
+async def client(handle: ServerHandle) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(handle.address) as c:
+        yield c
+
+
+async def run_fn(address: str, *args: str, input: bytes | None = None, env: Mapping[str, str] | None = None) -> tuple[int, bytes, bytes]:
+    """Run the real ``fn`` command line against a server; return (exit code, stdout, stderr)."""
+    full_env = {**os.environ, "FN_SERVER": address, **(env or {})}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fnclient.cli",
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=full_env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(input or b""), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out, err

@@ -1,0 +1,366 @@
+"""The exec pool against real worker processes, real wasmtime and real native binaries."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from fnserver.exec import ExecPool, InvokeJob, InvokeResult, Limits, precompiled_name
+from fnserver.protocol.errors import (
+    FnError,
+    FunctionTimeoutError,
+    InternalError,
+    InvalidArgumentError,
+    MemoryLimitError,
+    TrapError,
+    UnavailableError,
+)
+from tests import wasm_fixtures as wf
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[ExecPool]:
+    p = ExecPool(workers=2)
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+def version_dir(
+    root: Path, name: str, wasm: bytes | None = None, binary: Path | None = None
+) -> Path:
+    d = root / name / "1"
+    d.mkdir(parents=True)
+    if wasm is not None:
+        (d / "main.wasm").write_bytes(wasm)
+    if binary is not None:
+        shutil.copy(binary, d / "main.bin")
+        os.chmod(d / "main.bin", 0o755)
+    # World-readable like the registry's dirs: workers run under their own uid.
+    for p in (root, root / name, d):
+        os.chmod(p, 0o755)
+    return d
+
+
+def job(
+    d: Path,
+    name: str,
+    *,
+    input: bytes = b"",
+    args: tuple[str, ...] = (),
+    mode: str = "wasm",
+    **limits: int,
+) -> InvokeJob:
+    return InvokeJob(name, 1, mode, d, input, args, Limits(**limits))
+
+
+# -- wasm ---------------------------------------------------------------------------------------
+
+
+async def test_echo_and_precompiled_file(pool: ExecPool, tmp_path: Path) -> None:
+    d = version_dir(tmp_path, "echo", wf.echo())
+    data = os.urandom(200_000)
+    r = await pool.invoke(job(d, "echo", input=data))
+    assert isinstance(r, InvokeResult)
+    assert r.output == data and r.exit_code == 0 and not r.truncated and r.mode == "wasm"
+    assert r.wall_us >= r.duration_us > 0 and r.queue_us >= 0 and r.memory_peak >= 65536
+    assert (d / precompiled_name()).is_file()
+    assert precompiled_name().startswith("main.") and precompiled_name().endswith(".cwasm")
+    r2 = await pool.invoke(job(d, "echo", input=b""))
+    assert r2.output == b""
+
+
+async def test_exit_code_stderr_and_argv(pool: ExecPool, tmp_path: Path) -> None:
+    r = await pool.invoke(job(version_dir(tmp_path, "ex", wf.exit_code(3)), "ex"))
+    assert (r.exit_code, r.output, r.stderr) == (3, b"bye", b"oops")
+    r = await pool.invoke(job(version_dir(tmp_path, "av", wf.argv_echo()), "av", args=("a", "b c")))
+    assert r.output == b"av\na\nb c\n"
+
+
+async def test_infinite_loop_times_out_while_others_succeed(pool: ExecPool, tmp_path: Path) -> None:
+    loop_dir = version_dir(tmp_path, "spin", wf.infinite_loop())
+    echo_dir = version_dir(tmp_path, "echo", wf.echo())
+    spin = asyncio.ensure_future(pool.invoke(job(loop_dir, "spin", timeout_ms=1500)))
+    for i in range(5):
+        r = await pool.invoke(job(echo_dir, "echo", input=b"%d" % i))
+        assert r.output == b"%d" % i
+    with pytest.raises(FunctionTimeoutError, match="'spin' timed out after 1500 ms") as exc:
+        await spin
+    assert isinstance(exc.value, TimeoutError)
+    assert (await pool.invoke(job(echo_dir, "echo", input=b"after"))).output == b"after"
+
+
+async def test_memory_grow_hits_limit(pool: ExecPool, tmp_path: Path) -> None:
+    d = version_dir(tmp_path, "grow", wf.grow_forever())
+    with pytest.raises(MemoryLimitError):
+        await pool.invoke(job(d, "grow", memory_mb=16))
+
+
+async def test_guest_asleep_in_host_call_is_killed(pool: ExecPool, tmp_path: Path) -> None:
+    d = version_dir(tmp_path, "sleepy", wf.sleep(5))
+    echo_dir = version_dir(tmp_path, "echo", wf.echo())
+    await pool.precompile(d)  # the deadline then covers the guest alone
+    t0 = time.monotonic()
+    with pytest.raises(FunctionTimeoutError):
+        await pool.invoke(job(d, "sleepy", timeout_ms=300))
+    assert time.monotonic() - t0 < 3
+    # The killed worker is replaced; the pool keeps serving.
+    assert (await pool.invoke(job(echo_dir, "echo", input=b"x"))).output == b"x"
+
+
+async def test_deep_recursion_traps(pool: ExecPool, tmp_path: Path) -> None:
+    d = version_dir(tmp_path, "rec", wf.recurse_forever())
+    with pytest.raises(TrapError) as exc:
+        await pool.invoke(job(d, "rec"))
+    assert exc.value.details["trap"] == "stack_overflow"
+    assert "stderr" in exc.value.details
+
+
+async def test_stdout_flood_is_truncated_and_ends(pool: ExecPool, tmp_path: Path) -> None:
+    d = version_dir(tmp_path, "flood", wf.stdout_flood())
+    t0 = time.monotonic()
+    r = await pool.invoke(job(d, "flood", output_bytes=100_000, timeout_ms=10_000))
+    assert time.monotonic() - t0 < 5
+    assert r.truncated and len(r.output) == 100_000 and set(r.output) == {ord("x")}
+
+
+async def test_precompile_rejects_garbage_and_non_commands(pool: ExecPool, tmp_path: Path) -> None:
+    d = version_dir(tmp_path, "junk", b"\0asm\x01\0\0\0garbage")
+    with pytest.raises(InvalidArgumentError, match="not a WebAssembly module"):
+        await pool.precompile(d)
+    d = version_dir(tmp_path, "text", b"hello, I am not wasm")
+    with pytest.raises(InvalidArgumentError, match="not a WebAssembly module"):
+        await pool.precompile(d)
+    d = version_dir(tmp_path, "lib", wf.wat('(module (func (export "f")))'))
+    with pytest.raises(InvalidArgumentError, match="_start"):
+        await pool.precompile(d)
+    d = version_dir(
+        tmp_path, "env", wf.wat('(module (import "env" "f" (func)) (func (export "_start")))')
+    )
+    with pytest.raises(InvalidArgumentError, match="WASI"):
+        await pool.precompile(d)
+    assert not list(tmp_path.rglob("*.cwasm"))
+    d = version_dir(tmp_path, "good", wf.echo())
+    await pool.precompile(d)
+    assert (d / precompiled_name()).is_file()
+
+
+async def test_stale_or_missing_cwasm_recompiles(tmp_path: Path) -> None:
+    d = version_dir(tmp_path, "echo", wf.echo())
+    (d / "main.0000000000000000.cwasm").write_bytes(b"stale key")
+    (d / precompiled_name()).write_bytes(b"corrupt, same key")
+    async with _pool(1) as p:
+        assert (await p.invoke(job(d, "echo", input=b"a"))).output == b"a"
+    assert (d / precompiled_name()).stat().st_size > 1000
+    assert not (d / "main.0000000000000000.cwasm").exists()
+    (d / precompiled_name()).unlink()
+    async with _pool(1) as p:  # fresh worker: no LRU, no file
+        assert (await p.invoke(job(d, "echo", input=b"b"))).output == b"b"
+    assert (d / precompiled_name()).is_file()
+
+
+async def test_worker_killed_mid_call(pool: ExecPool, tmp_path: Path) -> None:
+    d = version_dir(tmp_path, "sleepy", wf.sleep(5))
+    echo_dir = version_dir(tmp_path, "echo", wf.echo())
+    await pool.precompile(d)
+    before = set(pool.stats()["pids"])
+    call = asyncio.ensure_future(pool.invoke(job(d, "sleepy", timeout_ms=10_000)))
+    await asyncio.sleep(0.3)
+    busy = [w for w in pool._workers if w is not None and w.busy]
+    assert len(busy) == 1
+    os.kill(busy[0].pid, signal.SIGKILL)
+    with pytest.raises(FnError) as exc:
+        await call
+    assert isinstance(exc.value, InternalError) and "died" in str(exc.value)
+    assert (await pool.invoke(job(echo_dir, "echo", input=b"ok"))).output == b"ok"
+    for _ in range(100):
+        if len(pool.stats()["pids"]) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert set(pool.stats()["pids"]) != before and len(pool.stats()["pids"]) == 2
+
+
+async def test_queue_bound_per_function_and_close(tmp_path: Path) -> None:
+    d = version_dir(tmp_path, "sleepy", wf.sleep(5))
+    p = ExecPool(workers=1, max_queue=1)
+    await p.start()
+    await p.precompile(d)
+    first = asyncio.ensure_future(p.invoke(job(d, "sleepy", timeout_ms=10_000)))
+    await asyncio.sleep(0.1)
+    second = asyncio.ensure_future(p.invoke(job(d, "sleepy", timeout_ms=10_000)))
+    await asyncio.sleep(0.1)
+    with pytest.raises(UnavailableError):
+        await p.invoke(job(d, "sleepy"))
+    assert p.stats()["queued"] == 1
+    await p.close()
+    await p.close()  # idempotent
+    for fut in (first, second):
+        with pytest.raises(UnavailableError):
+            await fut
+    with pytest.raises(UnavailableError):
+        await p.invoke(job(d, "sleepy"))
+
+
+async def test_per_function_cap_leaves_a_worker(pool: ExecPool, tmp_path: Path) -> None:
+    assert pool.per_function == 1
+    d = version_dir(tmp_path, "sleepy", wf.sleep(5))
+    echo_dir = version_dir(tmp_path, "echo", wf.echo())
+    await pool.precompile(d)
+    stuck = [asyncio.ensure_future(pool.invoke(job(d, "sleepy", timeout_ms=400))) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    assert pool.stats()["queued"] == 1  # the second call of "sleepy" waits for its turn
+    r = await pool.invoke(job(echo_dir, "echo", input=b"free"))
+    assert r.output == b"free"
+    results = await asyncio.gather(*stuck, return_exceptions=True)
+    assert all(isinstance(e, FunctionTimeoutError) for e in results)
+
+
+class _pool:
+    def __init__(self, workers: int) -> None:
+        self.p = ExecPool(workers=workers)
+
+    async def __aenter__(self) -> ExecPool:
+        await self.p.start()
+        return self.p
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.p.close()
+
+
+# -- native -------------------------------------------------------------------------------------
+
+C_SOURCES = {
+    "echo": r"""
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char b[65536]; ssize_t n;
+    while ((n = read(0, b, sizeof b)) > 0) write(1, b, n);
+    for (int i = 1; i < argc; i++) write(2, argv[i], 1);
+    return 7;
+}""",
+    "forks": r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    int ok = 0, fail = 0;
+    for (int i = 0; i < 100000 && fail < 100; i++) {
+        pid_t p = fork();
+        if (p == 0) { for (;;) pause(); }
+        if (p > 0) ok++; else fail++;
+    }
+    printf("%d %d\n", ok, fail);
+    return 0;
+}""",
+    "daemon": r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    if (fork() == 0) {
+        setsid();
+        if (fork() == 0) { printf("%d\n", getpid()); fflush(stdout); sleep(100); }
+        _exit(0);
+    }
+    sleep(1);
+    return 0;
+}""",
+    "flood": r"""
+#include <string.h>
+#include <unistd.h>
+int main(void) { char b[65536]; memset(b, 'x', sizeof b); for (;;) write(1, b, sizeof b); }""",
+    "spin": "int main(void) { for (;;) {} }",
+}
+
+
+@pytest.fixture(scope="module")
+def natives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed")
+    out = tmp_path_factory.mktemp("native")
+    built: dict[str, Path] = {}
+    for name, src in C_SOURCES.items():
+        (out / f"{name}.c").write_text(src)
+        proc = subprocess.run(
+            [gcc, "-static", "-O1", "-o", str(out / name), str(out / f"{name}.c")],
+            capture_output=True,
+            timeout=120,
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"gcc -static failed: {proc.stderr.decode(errors='replace')[:300]}")
+        built[name] = out / name
+    return built
+
+
+def _uid_pids(uids: set[int]) -> set[int]:
+    pids = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}").st_uid in uids:
+                    pids.add(int(name))
+            except OSError:
+                pass
+    return pids
+
+
+async def test_native_echo(pool: ExecPool, tmp_path: Path, natives: dict[str, Path]) -> None:
+    d = version_dir(tmp_path, "necho", binary=natives["echo"])
+    for data in (b"hello", os.urandom(300_000)):
+        r = await pool.invoke(job(d, "necho", mode="native", input=data, args=("xy", "z")))
+        assert (r.output, r.stderr, r.exit_code, r.truncated) == (data, b"xz", 7, False)
+        assert r.mode == "native" and r.memory_peak > 0
+
+
+async def test_native_fork_storm_is_contained(
+    pool: ExecPool, tmp_path: Path, natives: dict[str, Path]
+) -> None:
+    d = version_dir(tmp_path, "forks", binary=natives["forks"])
+    r = await pool.invoke(job(d, "forks", mode="native", timeout_ms=5000))
+    ok, fail = map(int, r.output.split())
+    sandbox_uids = {s["uid"] for s in pool.stats()["sandbox"] if s.get("uid") is not None}
+    if sandbox_uids:  # RLIMIT_NPROC holds only under a dedicated uid
+        assert ok < 100 and fail >= 100
+        worker_pids = set(pool.stats()["pids"])
+        assert _uid_pids(sandbox_uids) <= worker_pids
+
+
+async def test_native_daemon_is_killed(
+    pool: ExecPool, tmp_path: Path, natives: dict[str, Path]
+) -> None:
+    d = version_dir(tmp_path, "daemon", binary=natives["daemon"])
+    r = await pool.invoke(job(d, "daemon", mode="native", timeout_ms=5000))
+    pid = int(r.output)
+    assert r.exit_code == 0
+    for _ in range(50):
+        if not os.path.exists(f"/proc/{pid}"):
+            break
+        await asyncio.sleep(0.02)
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+async def test_native_flood_truncated(
+    pool: ExecPool, tmp_path: Path, natives: dict[str, Path]
+) -> None:
+    d = version_dir(tmp_path, "nflood", binary=natives["flood"])
+    t0 = time.monotonic()
+    r = await pool.invoke(job(d, "nflood", mode="native", output_bytes=50_000, timeout_ms=10_000))
+    assert time.monotonic() - t0 < 5
+    assert r.truncated and len(r.output) == 50_000 and set(r.output) == {ord("x")}
+
+
+async def test_native_timeout(pool: ExecPool, tmp_path: Path, natives: dict[str, Path]) -> None:
+    d = version_dir(tmp_path, "nspin", binary=natives["spin"])
+    t0 = time.monotonic()
+    with pytest.raises(FunctionTimeoutError):
+        await pool.invoke(job(d, "nspin", mode="native", timeout_ms=300))
+    assert time.monotonic() - t0 < 3

@@ -225,6 +225,18 @@ async def test_per_function_cap_leaves_a_worker(pool: ExecPool, tmp_path: Path) 
     assert all(isinstance(e, FunctionTimeoutError) for e in results)
 
 
+async def test_two_pools_never_share_a_sandbox_uid(pool: ExecPool, tmp_path: Path) -> None:
+    d = version_dir(tmp_path, "echo", wf.echo())
+    async with _pool(2) as other:
+        mine = {s["uid"] for s in pool.stats()["sandbox"]}
+        theirs = {s["uid"] for s in other.stats()["sandbox"]}
+        assert not (mine & theirs - {None})
+        a, b = await asyncio.gather(
+            pool.invoke(job(d, "echo", input=b"a")), other.invoke(job(d, "echo", input=b"b"))
+        )
+        assert (a.output, b.output) == (b"a", b"b")
+
+
 class _pool:
     def __init__(self, workers: int) -> None:
         self.p = ExecPool(workers=workers)

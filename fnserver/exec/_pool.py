@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from ..protocol.errors import (
     UnavailableError,
     error_from_wire,
 )
+from ._sandbox import claim_uids
 from ._types import InvokeJob, InvokeResult
 
 __all__ = ["ExecPool"]
@@ -78,9 +80,10 @@ class _Worker:
         self._wtransport: asyncio.WriteTransport | None = None
         self._rtransport: asyncio.ReadTransport | None = None
         pkg_root = str(Path(fnserver.__file__).resolve().parent.parent)
+        uid_arg = [str(pool._uids[index])] if pool._uids else []
         # Minimal explicit environment; close_fds keeps every server fd out of the worker.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fnserver.exec._worker", str(index)],
+            [sys.executable, "-m", "fnserver.exec._worker", str(index), *uid_arg],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,
@@ -222,6 +225,10 @@ class ExecPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._closed = False
+        self._uids: list[int] = []
+        self._uid_locks: list[int] = []
+        # Set at close: sweeps still running in threads must not outlive the uid claim.
+        self._stop_sweeps = threading.Event()
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -230,6 +237,11 @@ class ExecPool:
         if self._started:
             return
         self._started = True
+        try:
+            self._uids, self._uid_locks = claim_uids(self.size)
+        except OSError as exc:
+            self._closed = True
+            raise InternalError(f"cannot claim sandbox uids for the exec workers: {exc}") from None
         workers = [await self._spawn(i) for i in range(self.size)]
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
@@ -266,10 +278,13 @@ class ExecPool:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(10):
                 await asyncio.gather(*(w.exited for w in workers), return_exceptions=True)
-        uids = {w.uid for w in workers if w.uid is not None}
-        if uids:
+        self._stop_sweeps.set()
+        if self._uids:
             # Native processes in their own sessions outlive their worker: end them by uid.
-            await asyncio.to_thread(_sweep_uids, uids)
+            await asyncio.to_thread(_sweep_uids, set(self._uids), None)
+        for fd in self._uid_locks:
+            os.close(fd)
+        self._uid_locks = []
         self._idle.clear()
 
     def _on_ready(self, worker: _Worker) -> None:
@@ -303,7 +318,7 @@ class ExecPool:
         delay = 0.05
         while not self._closed:
             if dead.uid is not None:
-                await asyncio.to_thread(_sweep_uids, {dead.uid})
+                await asyncio.to_thread(_sweep_uids, {dead.uid}, self._stop_sweeps)
             worker = await self._spawn(dead.index)
             try:
                 async with asyncio.timeout(START_TIMEOUT_S):
@@ -472,12 +487,12 @@ class ExecPool:
         }
 
 
-def _sweep_uids(uids: set[int]) -> None:
-    """SIGKILL every process owned by one of the workers' dedicated uids (parent side)."""
+def _sweep_uids(uids: set[int], stop: threading.Event | None) -> None:
+    """SIGKILL every process owned by one of the pool's dedicated uids (parent side)."""
     for _ in range(20):
         found = False
         for name in os.listdir("/proc"):
-            if not name.isdigit():
+            if not name.isdigit() or (stop is not None and stop.is_set()):
                 continue
             try:
                 if os.stat(f"/proc/{name}").st_uid in uids:

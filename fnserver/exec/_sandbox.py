@@ -11,7 +11,7 @@ Order matters:
 3. hard rlimits on the worker itself, inherited by native children from their first
    instruction (NOFILE, CORE, FSIZE, NPROC); per-call limits are lowered further with
    ``prlimit`` right after spawn;
-4. when root: drop to a dedicated uid/gid ``60000 + index`` so RLIMIT_NPROC is enforced (root
+4. when root: drop to a dedicated uid/gid (claimed by the pool, see :func:`claim_uids`) so RLIMIT_NPROC is enforced (root
    ignores it) and ``kill(-1, SIGKILL)`` reaches exactly this worker's leftovers. The worker
    keeps CAP_DAC_OVERRIDE only, to write precompiled modules into root-owned version dirs;
    ``no_new_privs`` plus a non-zero uid means a native child's execve clears every capability;
@@ -22,16 +22,26 @@ Order matters:
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import resource
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Final
 
-__all__ = ["SandboxInfo", "kill_descendants", "setup_worker", "SANDBOX_UID_BASE"]
+__all__ = [
+    "SANDBOX_UID_BASE",
+    "SANDBOX_UID_COUNT",
+    "SandboxInfo",
+    "claim_uids",
+    "kill_descendants",
+    "setup_worker",
+]
 
 SANDBOX_UID_BASE: Final = 60000
+SANDBOX_UID_COUNT: Final = 2000
 _PR_SET_PDEATHSIG: Final = 1
 _PR_SET_KEEPCAPS: Final = 8
 _PR_SET_CHILD_SUBREAPER: Final = 36
@@ -88,8 +98,45 @@ def worker_nproc() -> int:
     return 64 + 4 * (os.cpu_count() or 1)
 
 
-def setup_worker(index: int) -> SandboxInfo:
-    """Harden the current (worker) process; see the module docstring."""
+def claim_uids(count: int) -> tuple[list[int], list[int]]:
+    """Claim ``count`` sandbox uids for one pool; return them and the lock fds to keep open.
+
+    A worker kills every process of its uid (``kill(-1)``), so two pools on one host (two
+    servers, or tests) must never share a uid: each uid is held by an flock on a lock file in
+    a root-only directory for the life of the pool. Empty lists when not root.
+    """
+    if os.geteuid() != 0:
+        return [], []
+    lock_dir = os.path.join(tempfile.gettempdir(), "fnserver-exec-uids")
+    os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+    st = os.lstat(lock_dir)
+    if st.st_uid != 0 or st.st_mode & 0o077:
+        raise PermissionError(f"{lock_dir} must be a root-owned 0700 directory")
+    uids: list[int] = []
+    fds: list[int] = []
+    for uid in range(SANDBOX_UID_BASE, SANDBOX_UID_BASE + SANDBOX_UID_COUNT):
+        if len(uids) == count:
+            break
+        fd = os.open(os.path.join(lock_dir, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        uids.append(uid)
+        fds.append(fd)
+    if len(uids) < count:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(f"no free sandbox uid in {SANDBOX_UID_BASE}+{SANDBOX_UID_COUNT}")
+    return uids, fds
+
+
+def setup_worker(uid: int | None) -> SandboxInfo:
+    """Harden the current (worker) process; see the module docstring.
+
+    ``uid`` is the dedicated uid to drop to when running as root (None: stay as is).
+    """
     info = SandboxInfo()
     info.subreaper = _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     if not info.subreaper:
@@ -106,7 +153,7 @@ def setup_worker(index: int) -> SandboxInfo:
         (resource.RLIMIT_FSIZE, WORKER_FSIZE),
         (resource.RLIMIT_AS, WORKER_AS),
     ]
-    root = os.geteuid() == 0
+    root = os.geteuid() == 0 and uid is not None
     if root:
         limits.append((resource.RLIMIT_NPROC, worker_nproc()))
     for which, value in limits:
@@ -117,8 +164,8 @@ def setup_worker(index: int) -> SandboxInfo:
             resource.setrlimit(which, (value, value))
         except (OSError, ValueError) as exc:
             info.refused.append(f"setrlimit({which}): {exc}")
-    if root:
-        _drop_root(SANDBOX_UID_BASE + index, info)
+    if root and uid is not None:
+        _drop_root(uid, info)
     if not _prctl(_PR_SET_NO_NEW_PRIVS, 1):
         info.refused.append(f"no_new_privs: {_errno()}")
     if not _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL):

@@ -1,4 +1,4 @@
-"""Worker process: ``python -m fnserver.exec._worker <index>``.
+"""Worker process: ``python -m fnserver.exec._worker <index> [<sandbox uid>]``.
 
 Speaks length-prefixed msgpack (``fnserver.protocol`` frames) over its stdin/stdout pipes with
 the pool, one job at a time. Requests carry ``op`` = ``"invoke"`` or ``"precompile"``; replies
@@ -502,7 +502,7 @@ class Worker:
 
 def main() -> None:
     """Entry point: harden the process, then serve the pipe on a big-stack thread."""
-    index = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    uid = int(sys.argv[2]) if len(sys.argv) > 2 else None
     # Keep the pipes off fds 0/1 so nothing (a stray print, a native child) can touch them.
     rfd = os.dup(0)
     wfd = os.dup(1)
@@ -511,7 +511,7 @@ def main() -> None:
     os.dup2(2, 1)
     os.close(null)
     sys.stdout = sys.stderr
-    info = setup_worker(index)
+    info = setup_worker(uid)
     worker = Worker(rfd, wfd, info)
     # wasm runs on the calling host thread: give it room for the 8 MiB wasm stack.
     threading.stack_size(GUEST_THREAD_STACK)

@@ -162,8 +162,12 @@ async def _raw_connect(address: str) -> tuple[asyncio.StreamReader, asyncio.Stre
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> dict:
-    (n,) = struct.unpack(">I", await reader.readexactly(4))
-    return msgpack.unpackb(await reader.readexactly(n))
+    """The next final frame (response or error); progress events are skipped."""
+    while True:
+        (n,) = struct.unpack(">I", await reader.readexactly(4))
+        frame = msgpack.unpackb(await reader.readexactly(n))
+        if frame["type"] != "event":
+            return frame
 
 
 async def _hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> dict:

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import uvloop
-
 from fnclient import AsyncClient
+
 from fnserver.config import ServerConfig
 from fnserver.server import FnServer
 

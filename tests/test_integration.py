@@ -12,12 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import fnclient
 import msgpack
 import pytest
-
-import fnclient
 from fnclient import AsyncClient, Client
-from fnserver.protocol import FrameDecoder, encode_frame, encode_request
+
+from fnserver.protocol import encode_frame, encode_request
 
 from . import wasm_fixtures as wf
 from .conftest import ServerHandle, run_fn

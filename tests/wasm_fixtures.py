@@ -163,3 +163,19 @@ def stdout_flood() -> bytes:
       (i32.store (i32.const 4) (i32.const 65536))
       (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
       (br $l))))""")
+
+
+def big_minimum_memory(pages: int) -> bytes:
+    """Declare a minimum linear memory of ``pages`` 64 KiB pages, then exit 0 (never runs
+    when the minimum exceeds the Store's memory limit: instantiation fails)."""
+    return wat(f"""(module
+  (memory (export "memory") {pages})
+  (func (export "_start")))""")
+
+
+def grow_then_exit(pages: int) -> bytes:
+    """Start with 1 page, grow by ``pages`` pages (trap if refused), then return (exit 0)."""
+    return wat(f"""(module
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (if (i32.eq (memory.grow (i32.const {pages})) (i32.const -1)) (then unreachable))))""")

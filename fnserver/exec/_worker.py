@@ -464,7 +464,13 @@ class Worker:
         """Per-call limits, applied microseconds after spawn (MEASURED.md: costs nothing)."""
         limits = [
             (resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)),
-            (resource.RLIMIT_AS, (req["memory_mb"] << 20,) * 2),
+            # memory_mb bounds the data segment (heap, anonymous private memory): Go's runtime
+            # reserves ~0.5 GiB of PROT_NONE address space at start and dies under a 128 MiB
+            # RLIMIT_AS, while RLIMIT_DATA counts what it really allocates. Measured with a
+            # static Go hello: DATA 128 MiB alone runs, DATA 128 MiB + AS 1152 MiB dies at
+            # start, AS >= 2 GiB runs; so address space gets a fixed 4 GiB backstop.
+            (resource.RLIMIT_DATA, (req["memory_mb"] << 20,) * 2),
+            (resource.RLIMIT_AS, (max(4096, req["memory_mb"] * 2) << 20,) * 2),
             (resource.RLIMIT_FSIZE, (cap + 1, cap + 1)),
             (resource.RLIMIT_NOFILE, (NATIVE_NOFILE, NATIVE_NOFILE)),
             (resource.RLIMIT_CORE, (0, 0)),

@@ -218,7 +218,11 @@ async def _cmd_register(client: AsyncClient, ns: argparse.Namespace) -> int:
 
 
 class _Progress:
-    """Progress events (§5.3) as stderr lines; upload counters only on a terminal."""
+    """Progress events (§5.3) as stderr lines, only on a terminal.
+
+    Redirected, stderr holds nothing but a failure (``error: CODE: message`` as its first
+    line), so scripts and CI logs can rely on it.
+    """
 
     def __init__(self, out: TextIO, filename: str) -> None:
         self.out = out
@@ -227,10 +231,10 @@ class _Progress:
         self._open_line = False
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if not self.tty:
+            return
         stage = event.get("stage")
         if stage == "upload":
-            if not self.tty:
-                return  # a log file does not want a line per megabyte
             received, size = event.get("received") or 0, event.get("size") or 0
             self.out.write(
                 f"\ruploading {self.filename}: {received / _MIB:.1f}/{size / _MIB:.1f} MiB"

@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--max-memory-mb", type=int, default=d.max_memory_mb, help=f"largest memory limit a function may ask for (default {d.max_memory_mb})")
     p.add_argument("--max-builds", type=int, default=d.max_builds, help=f"builds running at once (default {d.max_builds})")
     p.add_argument("--build-timeout", type=float, default=d.build_timeout_s, help=f"seconds a build may take (default {d.build_timeout_s:g})")
+    p.add_argument("--cache-dir", type=Path, default=None, help="build caches (default <data-dir>/.cache)")
     p.add_argument("--no-warm", action="store_true", help="do not warm the C toolchain cache at start")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"fnserver {__version__}")
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         max_builds=a.max_builds,
         build_timeout_s=a.build_timeout,
         warm_builds=not a.no_warm,
+        build_cache_dir=a.cache_dir,
     )
 
 

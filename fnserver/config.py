@@ -40,8 +40,10 @@ class ServerConfig:
     shutdown_grace_s: float = 3.0
     #: Warm zig's wasi-libc cache in the background at start (the first C build costs ~20 s).
     warm_builds: bool = True
+    #: Build caches (Go build cache, zig cache, scratch dirs); None means ``<data-dir>/.cache``.
+    build_cache_dir: Path | None = None
 
     @property
     def cache_dir(self) -> Path:
-        """Build caches (Go build cache, zig cache, scratch dirs) live beside the functions."""
-        return self.data_dir / ".cache"
+        """Where builds keep their caches: beside the functions unless configured."""
+        return self.build_cache_dir if self.build_cache_dir is not None else self.data_dir / ".cache"

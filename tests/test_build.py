@@ -330,7 +330,8 @@ async def test_go_compile_error(builder: Builder, cache_dir: Path, tmp_path: Pat
         await builder.build(up, "hello.go", tmp_path / "out")
     assert str(ei.value).startswith("go build failed")
     log = ei.value.details["log"]
-    assert "main.go:6:14: undefined: undefinedThing" in log
+    # Messages name the file as the user uploaded it, not the fixed name it was compiled as.
+    assert "hello.go:6:14: undefined: undefinedThing" in log
     assert_clean_log(log, cache_dir)
     assert not (tmp_path / "out").exists()
 
@@ -508,7 +509,7 @@ async def test_c_compile_error(builder: Builder, cache_dir: Path, tmp_path: Path
     with pytest.raises(BuildError, match=r"zig cc failed \(wasm\)") as ei:
         await builder.build(up, "f.c", tmp_path / "out")
     log = ei.value.details["log"]
-    assert "main.c:2:10: error" in log
+    assert "f.c:2:10: error" in log
     assert_clean_log(log, cache_dir)
     assert not (tmp_path / "out").exists()
 

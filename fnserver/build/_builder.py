@@ -128,6 +128,9 @@ class Builder:
                 try:
                     async with deadline:
                         outcome = await self._build_kind(kind, Path(upload), scratch, report)
+                except BuildError as err:
+                    err.details["log"] = _user_source_names(err.details.get("log", ""), kind, filename)
+                    raise
                 except TimeoutError:
                     if deadline.expired():
                         raise BuildError(
@@ -144,7 +147,7 @@ class Builder:
             artifacts=outcome.artifacts,
             toolchain=outcome.toolchain,
             build_ms=int((time.monotonic() - started) * 1000),
-            log=outcome.log,
+            log=_user_source_names(outcome.log, kind, filename),
         )
 
     # -- per kind -----------------------------------------------------------------------------
@@ -382,3 +385,20 @@ def _install(out: Path, out_dir: Path, artifacts: tuple[str, ...]) -> None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         raise
+
+
+_SINGLE_SOURCE = {"go": "main.go", "c": "main.c", "zig": "main.zig"}
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+def _user_source_names(log: str, kind: str, filename: str) -> str:
+    """Show compiler messages under the user's own file name (``hello.go:5:2``).
+
+    The source is compiled under a fixed name so no user string reaches a command line; the
+    log is the only place the user's name comes back, and only when it is a plain file name.
+    """
+    fixed = _SINGLE_SOURCE.get(kind)
+    user = os.path.basename(filename)
+    if fixed is None or not log or user == fixed or not _SAFE_NAME.match(user):
+        return log
+    return re.sub(rf"(?<![\w/.-])(\./)?{re.escape(fixed)}(?=[:(\s]|$)", lambda m: (m.group(1) or "") + user, log)

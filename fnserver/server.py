@@ -56,6 +56,8 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _UPLOAD_HIGH_WATER = 8 * 1024 * 1024
 _UPLOAD_LOW_WATER = 2 * 1024 * 1024
 _UPLOAD_FILE = "upload"
+#: Requests one connection may have in flight; bounds what one client can make the server hold.
+_MAX_IN_FLIGHT = 4096
 
 
 def _opt_int(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
@@ -390,7 +392,7 @@ class _Upload:
         self.queued += len(data)
         self.queue.put_nowait(data)
         if self.queued > _UPLOAD_HIGH_WATER:
-            self.conn.hold_reading("upload", True)
+            self.conn.hold_reading(f"upload:{self.req_id}", True)
 
     async def run(self) -> dict[str, Any]:
         size = self.req["size"]
@@ -407,7 +409,7 @@ class _Upload:
                 written += len(chunk)
                 self.queued -= len(chunk)
                 if self.queued < _UPLOAD_LOW_WATER:
-                    self.conn.hold_reading("upload", False)
+                    self.conn.hold_reading(f"upload:{self.req_id}", False)
                 if written - last_event >= 4 * 1024 * 1024 or written == size:
                     last_event = written
                     self.conn.send(
@@ -563,6 +565,17 @@ class Connection(asyncio.Protocol):
         if op == "hello":
             self.send(encode_error(req_id, InvalidArgumentError("HELLO was already sent")))
             return
+        if len(self.in_flight) >= _MAX_IN_FLIGHT:
+            self.send(
+                encode_error(
+                    req_id,
+                    UnavailableError(
+                        f"{_MAX_IN_FLIGHT} requests are already in flight on this connection;"
+                        " wait for some replies"
+                    ),
+                )
+            )
+            return
         if req_id in self.in_flight:
             self.send(encode_error(req_id, InvalidArgumentError(f"request id {req_id} is already in flight")))
             return
@@ -611,7 +624,7 @@ class Connection(asyncio.Protocol):
                 return await upload.run()
             finally:
                 self.uploads.pop(req_id, None)
-                self.hold_reading("upload", False)
+                self.hold_reading(f"upload:{req_id}", False)
                 # After a successful commit the staging dir was renamed away; discard is a no-op.
                 self.server.registry.discard(staging)
 

@@ -225,6 +225,23 @@ async def test_per_function_cap_leaves_a_worker(pool: ExecPool, tmp_path: Path) 
     assert all(isinstance(e, FunctionTimeoutError) for e in results)
 
 
+async def test_short_function_borrows_the_spare_worker(pool: ExecPool, tmp_path: Path) -> None:
+    assert pool.per_function == 1
+    nap = version_dir(tmp_path, "nap", wf.sleep(0.02))
+    await pool.invoke(job(nap, "nap"))  # known short now: it may use both workers
+    calls = [asyncio.ensure_future(pool.invoke(job(nap, "nap"))) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert pool.stats()["running"] == {"nap": 2} and pool.stats()["queued"] == 0
+    await asyncio.gather(*calls)
+    # A call of another function waits for at most one short call, never behind the queue.
+    calls = [asyncio.ensure_future(pool.invoke(job(nap, "nap"))) for _ in range(6)]
+    await asyncio.sleep(0)
+    echo_dir = version_dir(tmp_path, "echo", wf.echo())
+    r = await pool.invoke(job(echo_dir, "echo", input=b"x"))
+    assert r.output == b"x" and sum(c.done() for c in calls) <= 3
+    await asyncio.gather(*calls)
+
+
 async def test_two_pools_never_share_a_sandbox_uid(pool: ExecPool, tmp_path: Path) -> None:
     d = version_dir(tmp_path, "echo", wf.echo())
     async with _pool(2) as other:
@@ -376,3 +393,36 @@ async def test_native_timeout(pool: ExecPool, tmp_path: Path, natives: dict[str,
     with pytest.raises(FunctionTimeoutError):
         await pool.invoke(job(d, "nspin", mode="native", timeout_ms=300))
     assert time.monotonic() - t0 < 3
+
+
+# -- engines: pooling allocator limits and fuel -------------------------------------------------
+
+
+async def test_memory_limit_above_the_old_reservation(pool: ExecPool, tmp_path: Path) -> None:
+    # The pooled slot covers all of wasm32: limits past 256 MiB still hold exactly.
+    d = version_dir(tmp_path, "grow", wf.grow_forever())
+    with pytest.raises(MemoryLimitError) as exc:
+        await pool.invoke(job(d, "grow", memory_mb=600))
+    assert 590 << 20 <= exc.value.details["memory"] <= 600 << 20
+    echo_dir = version_dir(tmp_path, "echo", wf.echo())
+    assert (await pool.invoke(job(echo_dir, "echo", input=b"after"))).output == b"after"
+
+
+async def test_fuel_budget(pool: ExecPool, tmp_path: Path) -> None:
+    spin = version_dir(tmp_path, "spin", wf.infinite_loop())
+    t0 = time.monotonic()
+    with pytest.raises(FunctionTimeoutError, match="out of fuel") as exc:
+        await pool.invoke(job(spin, "spin", fuel=1_000_000, timeout_ms=20_000))
+    assert exc.value.details["fuel"] == 1_000_000
+    assert time.monotonic() - t0 < 10  # the budget stopped it, not the 20 s deadline
+    echo_dir = version_dir(tmp_path, "echo", wf.echo())
+    r = await pool.invoke(job(echo_dir, "echo", input=b"fueled", fuel=1_000_000))
+    assert r.output == b"fueled"
+    # Each engine has its own precompiled file; neither removes the other's.
+    assert (echo_dir / precompiled_name(fuel=True)).is_file()
+    assert precompiled_name(fuel=True) != precompiled_name()
+    assert (await pool.invoke(job(echo_dir, "echo", input=b"plain"))).output == b"plain"
+    assert (echo_dir / precompiled_name()).is_file()
+    assert (echo_dir / precompiled_name(fuel=True)).is_file()
+    with pytest.raises(InvalidArgumentError):
+        await pool.invoke(job(echo_dir, "echo", fuel=0))

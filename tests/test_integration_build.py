@@ -251,7 +251,7 @@ async def test_go_file_cli_wasm_and_native(handle: ServerHandle, client: AsyncCl
     # The human-readable `fn get` shows the same facts.
     code, out, err = await run_fn(addr, "get", "hello")
     assert (code, err) == (0, b"")
-    assert f"    kind go, artifacts wasm+native, mode wasm\n".encode() in out
+    assert b"    kind go, artifacts wasm+native, mode wasm\n" in out
     assert f"    toolchain {toolchain}, built in ".encode() in out
 
     # The client library: both modes, same output.

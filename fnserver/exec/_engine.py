@@ -19,56 +19,132 @@ __all__ = ["EPOCH_TICK_S", "engine_settings", "make_engine", "precompiled_name"]
 #: The ticker thread advances the epoch this often; deadlines are rounded up to it.
 EPOCH_TICK_S: Final = 0.010
 
+GiB: Final = 1 << 30
+MiB: Final = 1 << 20
+
 
 @cache
-def engine_settings() -> dict[str, Any]:
-    """The engine configuration; any change here changes :func:`precompiled_name`."""
-    return {
+def engine_settings(fuel: bool = False) -> dict[str, Any]:
+    """The engine configuration; any change here changes :func:`precompiled_name`.
+
+    Two engines exist. The main one (``fuel=False``) runs every call that sets no fuel budget
+    and is tuned for per-call cost. Measured on this 2-vCPU machine (bench/README.md), one
+    fresh-sandbox call in the worker with a 100-byte stdin, tiny C echo / Go echo:
+
+    ==========================================================  ===========  ===========
+    setup                                                       C            Go
+    ==========================================================  ===========  ===========
+    before: default allocator, 256 MiB reservation, Python      142 us       907 us
+    wrappers (Store, WasiConfig, Instance.exports, Func call)
+    C API calls, default allocator                              ~75 us       ~760 us
+    C API calls, pooling, no keep-resident                      ~53 us       ~730 us
+    C API calls, pooling + 4 MiB linear_memory_keep_resident    ~63 us       ~340 us
+    ==========================================================  ===========  ===========
+
+    (medians under a load average of 5-7 from parallel test runs; quiet-machine figures are
+    about half, MEASURED.md.) Go's runtime touches ~3 MiB of fresh memory per call: without
+    keep-resident every call pays ~200 page faults when the slot is decommitted and
+    re-faulted (call 580 us -> 197 us with it). Keep-resident instead memsets what was used
+    when the Store goes, which the worker does *after* sending the reply (off the latency
+    path). C modules are built with a 1 MiB stack (17 pages), so the memset is small.
+
+    The pooling allocator reserves its slots once at engine creation. A worker runs one guest
+    at a time, so one slot of each kind is enough; that lets the slot be the whole 32-bit
+    space (4 GiB reservation = max memory), so every Store memory limit up to 4 GiB works
+    and the memory never moves; growth past the Store limit still returns -1. Virtual size
+    is ~4.7 GiB, under the worker's 8 GiB RLIMIT_AS. A 4 GiB reservation also lets cranelift
+    drop most bounds checks (static memory with a guard).
+
+    The fuel engine (``fuel=True``) adds ``consume_fuel``, which instruments every loop and
+    call (so it is never used for calls without a budget) and keeps the on-demand allocator
+    with a 256 MiB reservation: a second 4 GiB pool would not fit under RLIMIT_AS. Each engine
+    has its own precompiled file.
+    """
+    settings: dict[str, Any] = {
         # Epoch interruption stops CPU loops (trap INTERRUPT) at a few ns per loop back-edge;
         # it cannot stop a guest asleep in poll_oneoff, so the parent also kills on wall time.
         "epoch_interruption": True,
-        # The default ~4 GiB virtual reservation per linear memory fails under RLIMIT_AS
-        # ("mmap failed to reserve" at 1 GiB, MEASURED.md); 256 MiB works and covers the
-        # default 128 MiB limit without moving. Bigger memories are still allowed: they move.
-        "memory_reservation": 256 * 1024 * 1024,
-        "memory_guard_size": 32 * 1024 * 1024,
-        "memory_reservation_for_growth": 16 * 1024 * 1024,
+        "memory_reservation": 4 * GiB,
+        "memory_guard_size": 32 * MiB,
+        "memory_reservation_for_growth": 0,
         # Go's own wasip1 runner uses an 8 MiB wasm stack; less overflows Go's runtime.
         # wasmtime 50 refuses (panics!) a max_wasm_stack above async_stack_size (2 MiB default),
         # so that is raised too. The worker runs guests on a thread with a 32 MiB host stack.
-        "max_wasm_stack": 8 * 1024 * 1024,
-        "async_stack_size": 9 * 1024 * 1024,
+        "max_wasm_stack": 8 * MiB,
+        "async_stack_size": 9 * MiB,
         # Go modules compile in ~0.5 s in parallel; the worker is otherwise single-threaded.
         "parallel_compilation": True,
         "cranelift_opt_level": "speed",
-        # Fuel is deliberately off: consume_fuel costs on every call and is keyed here.
         "consume_fuel": False,
+        "pooling": {
+            "total_memories": 1,
+            "total_tables": 1,
+            "total_core_instances": 1,
+            "total_stacks": 0,
+            "total_component_instances": 0,
+            "total_gc_heaps": 0,
+            "max_memory_size": 4 * GiB,
+            "linear_memory_keep_resident": 4 * MiB,
+            "table_keep_resident": 64 * 1024,
+            # Go's function table grows with the program (a few thousand entries for hello).
+            "table_elements": 1 << 18,
+            "max_core_instance_size": 8 * MiB,
+        },
     }
+    if fuel:
+        settings.update(
+            {
+                # The default ~4 GiB virtual reservation per linear memory fails under
+                # RLIMIT_AS next to the main engine's pool; 256 MiB covers the default
+                # 128 MiB limit without moving. Bigger memories are still allowed: they move.
+                "memory_reservation": 256 * MiB,
+                "memory_reservation_for_growth": 16 * MiB,
+                "consume_fuel": True,
+                "pooling": None,
+            }
+        )
+    return settings
 
 
 @cache
-def precompiled_name() -> str:
+def precompiled_name(fuel: bool = False) -> str:
     """File name of the precompiled module, e.g. ``main.0123456789abcdef.cwasm``.
 
     The key hashes the wasmtime version and every engine setting: a serialized module only
     loads into an engine of the same version and settings.
     """
     material = json.dumps(
-        {"wasmtime": importlib.metadata.version("wasmtime"), "engine": engine_settings()},
+        {"wasmtime": importlib.metadata.version("wasmtime"), "engine": engine_settings(fuel)},
         sort_keys=True,
     )
     return f"main.{hashlib.sha256(material.encode()).hexdigest()[:16]}.cwasm"
 
 
-def make_engine() -> wasmtime.Engine:
+def make_engine(fuel: bool = False) -> wasmtime.Engine:
     """Build the engine from :func:`engine_settings` (worker side)."""
     import wasmtime
     from wasmtime import _ffi
 
     config = wasmtime.Config()
-    for key, value in engine_settings().items():
+    for key, value in engine_settings(fuel).items():
         if key == "async_stack_size":  # no Python property in wasmtime-py 50
             _ffi.wasmtime_config_async_stack_size_set(config.ptr(), value)
+        elif key == "pooling":
+            if value is not None:
+                _set_pooling(config, value)
         else:
             setattr(config, key, value)
     return wasmtime.Engine(config)
+
+
+def _set_pooling(config: wasmtime.Config, limits: dict[str, int]) -> None:
+    """Pooling allocator (no Python property; the bound C functions work, MEASURED.md)."""
+    from wasmtime import _ffi
+
+    pool = _ffi.wasmtime_pooling_allocation_config_new()
+    try:
+        for key, value in limits.items():
+            getattr(_ffi, f"wasmtime_pooling_allocation_config_{key}_set")(pool, value)
+        _ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pool)
+    finally:
+        _ffi.wasmtime_pooling_allocation_config_delete(pool)

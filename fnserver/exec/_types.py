@@ -15,8 +15,10 @@ class Limits:
     timeout_ms: int = 5000
     memory_mb: int = 128
     output_bytes: int = 6 * 1024 * 1024
-    #: wasm only. Ignored: fuel needs ``consume_fuel`` in the engine config, which slows every
-    #: call and changes the precompiled key; the wall-clock deadline already bounds CPU.
+    #: wasm only: an instruction budget (wasmtime fuel units, about one per wasm operator).
+    #: A call with a budget runs on the worker's second engine, built with ``consume_fuel``
+    #: (its own precompiled file, compiled on the first such call); running out raises
+    #: FunctionTimeoutError with ``details["fuel"]``. None: no budget, the fast engine.
     fuel: int | None = None
 
 

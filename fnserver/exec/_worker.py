@@ -13,7 +13,6 @@ running guests, spawning native binaries. A crash costs one worker, which the po
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import os
 import resource
@@ -29,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import wasmtime
-from wasmtime import _ffi
 
 from ..protocol import FrameDecoder, encode_frame
 from ..protocol.errors import (
@@ -41,6 +39,7 @@ from ..protocol.errors import (
     TrapError,
 )
 from ._engine import EPOCH_TICK_S, make_engine, precompiled_name
+from ._guest import GuestRun, run_guest
 from ._sandbox import WORKER_FSIZE, SandboxInfo, kill_descendants, setup_worker
 
 PIPE_MAX_FRAME: Final = 1 << 30
@@ -64,6 +63,17 @@ class _Ready:
     size: int
 
 
+class _Engine:
+    """One engine with its WASI linker and precompiled-file name."""
+
+    def __init__(self, fuel: bool) -> None:
+        self.fuel = fuel
+        self.engine = make_engine(fuel)
+        self.linker = wasmtime.Linker(self.engine)
+        self.linker.define_wasi()
+        self.cwasm = precompiled_name(fuel)
+
+
 def _memfd(name: str) -> int:
     return os.memfd_create(name, os.MFD_CLOEXEC)
 
@@ -79,16 +89,18 @@ class Worker:
 
     def __init__(self, rfd: int, wfd: int, info: SandboxInfo) -> None:
         self.rfd, self.wfd, self.info = rfd, wfd, info
-        self.engine = make_engine()
-        self.linker = wasmtime.Linker(self.engine)
-        self.linker.define_wasi()
-        self.cache: OrderedDict[tuple[str, int, int], _Ready] = OrderedDict()
+        self.main = _Engine(fuel=False)
+        # Built on the first call with a fuel budget: most workers never need it.
+        self._fuel_engine: _Engine | None = None
+        self.cache: OrderedDict[tuple[str, int, int, bool], _Ready] = OrderedDict()
         self.cache_bytes = 0
-        self.cwasm = precompiled_name()
         self.out_fd = _memfd("stdout")
         self.err_fd = _memfd("stderr")
-        self._out_path = f"/proc/self/fd/{self.out_fd}"
-        self._err_path = f"/proc/self/fd/{self.err_fd}"
+        self._out_path = f"/proc/self/fd/{self.out_fd}".encode()
+        self._err_path = f"/proc/self/fd/{self.err_fd}".encode()
+        # The Store of the last call, deleted after its reply went out (see serve()).
+        self._pending: GuestRun | None = None
+        self._ticking = self.main.engine
         # Ticker state: the ticker advances the epoch while a guest runs, and forces the
         # deadline when the guest's output passed its cap (a flooding guest ignores EFBIG).
         self._active = threading.Event()
@@ -126,7 +138,23 @@ class Worker:
                 return
             decoder.feed(chunk)
             while (req := decoder.next_frame()) is not None:
-                self.send(self.handle(req))
+                reply = self.handle(req)
+                self.send(reply)
+                # Giving the Store back (memset of the pooled memory, closing the WASI files)
+                # costs 10-60 us: done here, while the parent handles the reply.
+                self._release_store()
+
+    def _release_store(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.close()
+
+    def engine_for(self, fuel: bool) -> _Engine:
+        if not fuel:
+            return self.main
+        if self._fuel_engine is None:
+            self._fuel_engine = _Engine(fuel=True)
+        return self._fuel_engine
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -148,13 +176,13 @@ class Worker:
 
     # -- modules ----------------------------------------------------------------------------
 
-    def _compile(self, wasm: bytes) -> wasmtime.Module:
+    def _compile(self, eng: _Engine, wasm: bytes) -> wasmtime.Module:
         if wasm[:4] != b"\0asm":
             # wasmtime would also accept WAT text here; only binary modules are functions.
             raise InvalidArgumentError("not a WebAssembly module: missing the \\0asm magic")
         try:
-            wasmtime.Module.validate(self.engine, wasm)
-            module = wasmtime.Module(self.engine, wasm)
+            wasmtime.Module.validate(eng.engine, wasm)
+            module = wasmtime.Module(eng.engine, wasm)
         except wasmtime.WasmtimeError as exc:
             raise InvalidArgumentError(f"not a WebAssembly module: {exc}") from None
         for imp in module.imports:
@@ -168,9 +196,9 @@ class Worker:
             raise InvalidArgumentError("not a WASI command: no exported _start function")
         return module
 
-    def _write_cwasm(self, version_dir: str, module: wasmtime.Module) -> None:
+    def _write_cwasm(self, eng: _Engine, version_dir: str, module: wasmtime.Module) -> None:
         """Write the precompiled module atomically; drop files of other engine keys."""
-        final = os.path.join(version_dir, self.cwasm)
+        final = os.path.join(version_dir, eng.cwasm)
         fd, tmp = tempfile.mkstemp(prefix=".cwasm-", dir=version_dir)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -181,8 +209,9 @@ class Worker:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        current = {precompiled_name(False), precompiled_name(True)}
         for name in os.listdir(version_dir):
-            if name.startswith("main.") and name.endswith(".cwasm") and name != self.cwasm:
+            if name.startswith("main.") and name.endswith(".cwasm") and name not in current:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(version_dir, name))
 
@@ -192,16 +221,18 @@ class Worker:
                 wasm = f.read()
         except OSError as exc:
             raise InvalidArgumentError(f"cannot read main.wasm: {exc.strerror}") from None
-        module = self._compile(wasm)
+        eng = self.main
+        module = self._compile(eng, wasm)
         try:
-            pre = self.linker.instantiate_pre(module)
+            pre = eng.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise InvalidArgumentError(f"not a WASI command: {exc}") from None
-        self._write_cwasm(version_dir, module)
+        self._write_cwasm(eng, version_dir, module)
         st = os.stat(os.path.join(version_dir, "main.wasm"))
-        self._remember((version_dir, st.st_ino, st.st_mtime_ns), _Ready(pre, module, len(wasm)))
+        key = (version_dir, st.st_ino, st.st_mtime_ns, False)
+        self._remember(key, _Ready(pre, module, len(wasm)))
 
-    def _remember(self, key: tuple[str, int, int], ready: _Ready) -> None:
+    def _remember(self, key: tuple[str, int, int, bool], ready: _Ready) -> None:
         old = self.cache.pop(key, None)
         if old is not None:
             self.cache_bytes -= old.size
@@ -213,23 +244,23 @@ class Worker:
             _, gone = self.cache.popitem(last=False)
             self.cache_bytes -= gone.size
 
-    def ready_module(self, version_dir: str) -> _Ready:
+    def ready_module(self, version_dir: str, eng: _Engine) -> _Ready:
         """The warm module of a version: LRU hit, else the precompiled file, else compile."""
         wasm_path = os.path.join(version_dir, "main.wasm")
         try:
             st = os.stat(wasm_path)
         except OSError as exc:
             raise InternalError(f"cannot read main.wasm: {exc.strerror}") from None
-        key = (version_dir, st.st_ino, st.st_mtime_ns)
+        key = (version_dir, st.st_ino, st.st_mtime_ns, eng.fuel)
         ready = self.cache.get(key)
         if ready is not None:
             self.cache.move_to_end(key)
             return ready
-        cwasm = os.path.join(version_dir, self.cwasm)
+        cwasm = os.path.join(version_dir, eng.cwasm)
         module: wasmtime.Module | None = None
         try:
             # mmap; same wasmtime version and engine settings only, which the name guarantees.
-            module = wasmtime.Module.deserialize_file(self.engine, cwasm)
+            module = wasmtime.Module.deserialize_file(eng.engine, cwasm)
             size = os.stat(cwasm).st_size
         except (wasmtime.WasmtimeError, OSError):
             module = None
@@ -237,13 +268,13 @@ class Worker:
             self.send({"compiling": True})
             with open(wasm_path, "rb") as f:
                 wasm = f.read()
-            module = self._compile(wasm)
+            module = self._compile(eng, wasm)
             size = len(wasm)
             with contextlib.suppress(OSError):  # a read-only dir only costs the next cold start
-                self._write_cwasm(version_dir, module)
+                self._write_cwasm(eng, version_dir, module)
             self.send({"compiling": False})
         try:
-            pre = self.linker.instantiate_pre(module)
+            pre = eng.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise InvalidArgumentError(f"not a WASI command: {exc}") from None
         ready = _Ready(pre, module, size)
@@ -256,7 +287,8 @@ class Worker:
         while True:
             self._active.wait()
             time.sleep(EPOCH_TICK_S)
-            self.engine.increment_epoch()
+            engine = self._ticking
+            engine.increment_epoch()
             if not self._active.is_set() or self.flooded:
                 continue
             try:
@@ -270,23 +302,7 @@ class Worker:
                 # RLIMIT_FSIZE already makes further writes fail; stop the guest now.
                 self.flooded = True
                 for _ in range(self._deadline_ticks + 2):
-                    self.engine.increment_epoch()
-
-    def _wasi(self, req: dict[str, Any]) -> wasmtime.WasiConfig:
-        wasi = wasmtime.WasiConfig()
-        wasi.argv = [req["function"], *req["args"]]
-        data: bytes = req["input"]
-        vec = _ffi.wasm_byte_vec_t()
-        if data:
-            buf = (ctypes.c_ubyte * len(data)).from_buffer_copy(data)
-            _ffi.wasm_byte_vec_new(ctypes.byref(vec), len(data), buf)
-        else:
-            _ffi.wasm_byte_vec_new_empty(ctypes.byref(vec))
-        # Takes ownership of the vector (MEASURED.md): no temp file for stdin.
-        _ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))
-        wasi.stdout_file = self._out_path
-        wasi.stderr_file = self._err_path
-        return wasi
+                    engine.increment_epoch()
 
     def _reset_outputs(self) -> None:
         # A native child shares these file descriptions (dup2): rewind, or it writes at the
@@ -296,56 +312,54 @@ class Worker:
             os.lseek(fd, 0, os.SEEK_SET)
 
     def run_wasm(self, req: dict[str, Any]) -> dict[str, Any]:
-        ready = self.ready_module(req["dir"])
+        fuel: int | None = req.get("fuel")
+        eng = self.engine_for(fuel is not None)
+        ready = self.ready_module(req["dir"], eng)
         cap: int = req["output_bytes"]
         mem_limit = req["memory_mb"] * 1024 * 1024
         timeout_ms: int = req["timeout_ms"]
         name = req["function"]
-        store = wasmtime.Store(self.engine)
-        store.set_limits(memory_size=mem_limit)
         ticks = math.ceil(timeout_ms / 1000 / EPOCH_TICK_S) + 1
-        self._reset_outputs()
-        store.set_wasi(self._wasi(req))
-        exit_code = 0
-        failure: BaseException | None = None
+        self._release_store()  # normally done already, right after the previous reply
         self._cap, self._deadline_ticks, self.flooded = cap, ticks, False
+        self._ticking = eng.engine
         # Writes past cap+1 bytes fail with EFBIG (SIGXFSZ is ignored in the worker).
         resource.setrlimit(resource.RLIMIT_FSIZE, (cap + 1, WORKER_FSIZE))
         started = time.perf_counter_ns()
-        instance: wasmtime.Instance | None = None
+        self._active.set()
         try:
-            store.set_epoch_deadline(ticks)
-            self._active.set()
-            instance = ready.pre.instantiate(store)
-            start = instance.exports(store)["_start"]
-            assert isinstance(start, wasmtime.Func)
-            start(store)
-        except wasmtime.ExitTrap as exc:
-            exit_code = exc.code
-        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-            failure = exc
+            run = run_guest(
+                eng.engine,
+                ready.pre,
+                args=(name, *req["args"]),
+                stdin=req["input"],
+                stdout_path=self._out_path,
+                stderr_path=self._err_path,
+                memory_limit=mem_limit,
+                deadline_ticks=ticks,
+                fuel=fuel,
+            )
         finally:
             self._active.clear()
             resource.setrlimit(resource.RLIMIT_FSIZE, (WORKER_FSIZE, WORKER_FSIZE))
         duration_us = (time.perf_counter_ns() - started) // 1000
-        memory = 0
-        if instance is not None:
-            mem = instance.exports(store).get("memory")
-            if isinstance(mem, wasmtime.Memory):
-                memory = mem.data_len(store)
+        self._pending = run
+        memory, exit_code, failure = run.memory, run.exit_code, run.failure
         output, out_size = _read_fd(self.out_fd, cap)
         stderr, _ = _read_fd(self.err_fd, min(cap, STDERR_MAX))
         truncated = out_size > cap or self.flooded
-        instantiated = instance is not None
-        # Close the store now: its files and memory go before the reply is sent.
-        del instance
-        store.close()
+        instantiated = run.instantiated
         near_limit = mem_limit - memory < max(1 << 20, mem_limit // 16)
         if failure is not None:
             if self.flooded:
                 exit_code = -1  # stopped for flooding its output; see InvokeResult docs
             elif isinstance(failure, wasmtime.Trap):
                 code = failure.trap_code
+                if code == wasmtime.TrapCode.OUT_OF_FUEL:
+                    raise FunctionTimeoutError(
+                        f"function {name!r} ran out of fuel ({fuel} units)",
+                        {"fuel": fuel, "timeout_ms": timeout_ms, "stderr": stderr},
+                    )
                 if code == wasmtime.TrapCode.INTERRUPT:
                     raise FunctionTimeoutError(
                         f"function {name!r} timed out after {timeout_ms} ms",

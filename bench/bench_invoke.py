@@ -1,0 +1,408 @@
+"""Invocation throughput and latency through a real fnserver, against an in-process floor.
+
+    python bench/bench_invoke.py [--quick | --smoke] [--workers N] [--out FILE]
+
+See bench/README.md for what the figures mean. Loopback only; stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+INPUT = b"x" * 100  # 100-byte stdin, as in MEASURED.md
+
+C_SOURCE = b"""#include <unistd.h>
+static char buf[65536];
+int main(void) {
+    ssize_t n;
+    while ((n = read(0, buf, sizeof buf)) > 0) write(1, buf, (size_t)n);
+    return 0;
+}
+"""
+GO_SOURCE = b"""package main
+
+import (
+\t"io"
+\t"os"
+)
+
+func main() {
+\tin, _ := io.ReadAll(os.Stdin)
+\tos.Stdout.Write(in)
+}
+"""
+# --smoke: no toolchain; both slots run this WAT echo (the figures are then meaningless).
+WAT_ECHO = """(module
+  (import "wasi_snapshot_preview1" "fd_read" (func $r (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (func (export "_start") (local $n i32)
+    (loop $more
+      (i32.store (i32.const 0) (i32.const 1024))
+      (i32.store (i32.const 4) (i32.const 65536))
+      (drop (call $r (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 16)))
+      (local.set $n (i32.load (i32.const 16)))
+      (if (i32.gt_u (local.get $n) (i32.const 0))
+        (then
+          (i32.store (i32.const 4) (local.get $n))
+          (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
+          (br $more))))))"""
+
+MODES = {
+    # seconds per server phase, seconds per floor, in-flight levels
+    "smoke": {"phase_s": 0.3, "floor_s": 0.3, "warmup_s": 0.05},
+    "quick": {"phase_s": 2.5, "floor_s": 2.0, "warmup_s": 0.3},
+    "full": {"phase_s": 10.0, "floor_s": 6.0, "warmup_s": 1.0},
+}
+IN_FLIGHT = (1, 64)
+
+
+# -- modules ------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fnserver-bench"
+
+
+def build_modules(smoke: bool) -> dict[str, bytes]:
+    """main.wasm of the C and Go echo functions, built once with fnserver's Builder."""
+    if smoke:
+        import wasmtime
+
+        wasm = bytes(wasmtime.wat2wasm(WAT_ECHO))
+        return {"c": wasm, "go": wasm}
+    from fnserver.build import Builder
+
+    root = cache_dir()
+    out: dict[str, bytes] = {}
+    todo: list[tuple[str, str, bytes, Path]] = []
+    for key, filename, source in (("c", "echo.c", C_SOURCE), ("go", "echo.go", GO_SOURCE)):
+        tag = hashlib.sha256(source).hexdigest()[:16]
+        done = root / "modules" / f"{key}-{tag}.wasm"
+        if done.is_file():
+            out[key] = done.read_bytes()
+        else:
+            todo.append((key, filename, source, done))
+    if todo:
+        print("building the bench modules once (a cold zig/go cache takes ~1 min) ...", flush=True)
+
+        async def build_all() -> None:
+            builder = Builder(root / "build-cache")
+            for key, filename, source, done in todo:
+                with tempfile.TemporaryDirectory() as tmp:
+                    upload = Path(tmp) / filename
+                    upload.write_bytes(source)
+                    await builder.build(upload, filename, Path(tmp) / "out")
+                    done.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(Path(tmp) / "out" / "main.wasm", done)
+                    out[key] = done.read_bytes()
+
+        asyncio.run(build_all())
+    return out
+
+
+# -- the in-process floor -----------------------------------------------------------------------
+
+
+def floor(wasm: bytes, seconds: float) -> dict[str, Any]:
+    """Fresh Store per call, in this process, with the worker's engine and C-API call path."""
+    import wasmtime
+
+    from fnserver.exec._engine import make_engine
+    from fnserver.exec._guest import run_guest
+
+    engine = make_engine()
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    pre = linker.instantiate_pre(wasmtime.Module(engine, wasm))
+    out_fd = os.memfd_create("floor-out", os.MFD_CLOEXEC)
+    err_fd = os.memfd_create("floor-err", os.MFD_CLOEXEC)
+    paths = (f"/proc/self/fd/{out_fd}".encode(), f"/proc/self/fd/{err_fd}".encode())
+
+    def call() -> int:
+        t0 = time.perf_counter_ns()
+        run = run_guest(
+            engine, pre, args=("floor",), stdin=INPUT, stdout_path=paths[0],
+            stderr_path=paths[1], memory_limit=128 << 20, deadline_ticks=1 << 40, fuel=None,
+        )
+        size = os.fstat(out_fd).st_size
+        output = os.pread(out_fd, size, 0)
+        run.close()
+        elapsed = time.perf_counter_ns() - t0
+        if run.failure is not None or output != INPUT:
+            raise RuntimeError(f"floor call failed: {run.failure!r} {output[:80]!r}")
+        return elapsed
+
+    try:
+        for _ in range(20):
+            call()
+        lat: list[int] = []
+        start = time.perf_counter()
+        end = start + seconds
+        while time.perf_counter() < end:
+            lat.append(call())
+        elapsed = time.perf_counter() - start
+    finally:
+        os.close(out_fd)
+        os.close(err_fd)
+    return _summary(lat, elapsed)
+
+
+def _summary(lat_ns: list[int], elapsed: float) -> dict[str, Any]:
+    lat_ns.sort()
+    n = len(lat_ns)
+    return {
+        "calls": n,
+        "seconds": round(elapsed, 3),
+        "per_s": round(n / elapsed, 1),
+        "p50_us": round(statistics.median(lat_ns) / 1000, 1),
+        "p99_us": round(lat_ns[min(n - 1, int(n * 0.99))] / 1000, 1),
+    }
+
+
+# -- the load generator (a separate process) ----------------------------------------------------
+
+
+def _proc_cpu_s(pids: list[int]) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        except OSError:
+            continue
+    return total
+
+
+def _family(pid: int) -> list[int]:
+    """The server and its worker processes."""
+    pids = [pid]
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                pids.extend(int(p) for p in f.read().split())
+    except OSError:
+        pass
+    return pids
+
+
+async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
+    from fnclient import AsyncClient
+
+    results: dict[str, Any] = {}
+    server_pids = _family(spec["server_pid"])
+    async with AsyncClient(spec["address"]) as client:
+        for phase in spec["phases"]:
+            name, fn, inflight = phase["name"], phase.get("function"), phase["in_flight"]
+
+            async def one(fn: str | None = fn) -> int:
+                t0 = time.perf_counter_ns()
+                if fn is None:
+                    await client.ping()
+                else:
+                    res = await client.invoke(fn, INPUT)
+                    if res.output != INPUT:
+                        raise RuntimeError(f"{fn}: wrong output {res.output[:80]!r}")
+                return time.perf_counter_ns() - t0
+
+            async def loop(until: float, sink: list[int]) -> None:
+                while time.perf_counter() < until:
+                    sink.append(await one())
+
+            warm: list[int] = []
+            await asyncio.gather(*(loop(time.perf_counter() + spec["warmup_s"], warm)
+                                   for _ in range(inflight)))
+            lat: list[int] = []
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+            srv0 = _proc_cpu_s(server_pids)
+            start = time.perf_counter()
+            await asyncio.gather(*(loop(start + spec["phase_s"], lat) for _ in range(inflight)))
+            elapsed = time.perf_counter() - start
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            srv1 = _proc_cpu_s(server_pids)
+            summary = _summary(lat, elapsed)
+            client_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+            summary["client_cpu_us_per_call"] = round(client_cpu / len(lat) * 1e6, 1)
+            summary["server_cpu_us_per_call"] = round((srv1 - srv0) / len(lat) * 1e6, 1)
+            summary["in_flight"] = inflight
+            results[name] = summary
+    return results
+
+
+def run_loadgen(address: str, server_pid: int, cfg: dict[str, float]) -> dict[str, Any]:
+    phases: list[dict[str, Any]] = [{"name": "ping@1", "function": None, "in_flight": 1}]
+    for key in ("c", "go"):
+        for n in IN_FLIGHT:
+            phases.append({"name": f"{key}@{n}", "function": f"bench-{key}", "in_flight": n})
+    spec = {"address": address, "server_pid": server_pid, "phases": phases,
+            "phase_s": cfg["phase_s"], "warmup_s": cfg["warmup_s"]}
+    budget = 60 + len(phases) * (cfg["phase_s"] + cfg["warmup_s"]) * 2
+    proc = subprocess.run(
+        [sys.executable, __file__, "--loadgen", json.dumps(spec)],
+        capture_output=True, timeout=budget, cwd=ROOT,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed:\n{proc.stderr.decode(errors='replace')}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+
+class Server:
+    """``fnserver`` as a subprocess on port 0 with its own temporary data dir."""
+
+    def __init__(self, workers: int | None) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="fnserver-bench-")
+        self.log = Path(self.tmp) / "server.log"
+        argv = [sys.executable, "-m", "fnserver", "--host", "127.0.0.1", "--port", "0",
+                "--data-dir", str(Path(self.tmp) / "data"), "--no-warm", "--log-level", "info"]
+        if workers is not None:
+            argv += ["--workers", str(workers)]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT)
+        self.address = self._wait_address()
+
+    def _wait_address(self) -> str:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            m = re.search(r"listening on (\S+)", self.log.read_text(errors="replace"))
+            if m:
+                return m.group(1)
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"fnserver did not start:\n{self.log.read_text(errors='replace')}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+async def _register(address: str, modules: dict[str, bytes]) -> None:
+    from fnclient import AsyncClient
+
+    async with AsyncClient(address) as client:
+        for key, wasm in modules.items():
+            await client.register(f"bench-{key}", wasm, filename=f"{key}.wasm")
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def _machine() -> dict[str, Any]:
+    import importlib.metadata
+    import platform
+
+    from fnserver.exec._engine import engine_settings
+
+    load = os.getloadavg()
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "wasmtime": importlib.metadata.version("wasmtime"),
+        "loadavg_at_start": [round(x, 2) for x in load],
+        "engine": engine_settings(),
+    }
+
+
+def ratios(result: dict[str, Any]) -> dict[str, float]:
+    server, fl = result["server"], result["floor"]
+    rtt = server["ping@1"]["p50_us"]
+    out: dict[str, float] = {}
+    for key in ("c", "go"):
+        out[f"{key}_throughput_64_vs_floor"] = round(
+            server[f"{key}@64"]["per_s"] / fl[key]["per_s"], 3)
+        out[f"{key}_p50_1_vs_2floor_plus_rtt"] = round(
+            server[f"{key}@1"]["p50_us"] / (2 * fl[key]["p50_us"] + rtt), 3)
+    return out
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"\nfnserver invoke bench ({result['mode']}, {result['machine']['cpus']} CPUs, "
+          f"{result['workers']} workers, load avg at start "
+          f"{result['machine']['loadavg_at_start'][0]})")
+    head = (f"{'':14}{'calls/s':>10}{'p50 us':>10}{'p99 us':>10}"
+            f"{'client cpu':>12}{'server cpu':>12}")
+    print(head)
+    print("-" * len(head))
+    for key in ("c", "go"):
+        f = result["floor"][key]
+        print(f"{key + ' floor':14}{f['per_s']:>10.0f}{f['p50_us']:>10.1f}{f['p99_us']:>10.1f}")
+    for name, s in result["server"].items():
+        print(f"{'server ' + name:14}{s['per_s']:>10.0f}{s['p50_us']:>10.1f}{s['p99_us']:>10.1f}"
+              f"{s['client_cpu_us_per_call']:>10.1f}us{s['server_cpu_us_per_call']:>10.1f}us")
+    print("\nratios (targets: throughput_64_vs_floor >= 1.0, p50_1_vs_2floor_plus_rtt <= 1.0)")
+    for k, v in result["ratios"].items():
+        print(f"  {k:34}{v:>8.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="short phases (~40 s in all)")
+    g.add_argument("--smoke", action="store_true",
+                   help="tiny phases and a WAT module: checks the plumbing, not the speed")
+    g.add_argument("--loadgen", metavar="SPEC", help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, default=None, help="server workers (default: 1 per CPU)")
+    p.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/)")
+    a = p.parse_args(argv)
+    if a.loadgen:
+        import uvloop
+
+        print(json.dumps(uvloop.run(_loadgen(json.loads(a.loadgen)))))
+        return 0
+    mode = "smoke" if a.smoke else "quick" if a.quick else "full"
+    cfg = MODES[mode]
+    t0 = time.monotonic()
+    modules = build_modules(a.smoke)
+    # The floor runs first, alone on the machine: no server yet.
+    floors = {key: floor(wasm, cfg["floor_s"]) for key, wasm in modules.items()}
+    result: dict[str, Any] = {"mode": mode, "machine": _machine(), "floor": floors}
+    server = Server(a.workers)
+    try:
+        asyncio.run(_register(server.address, modules))
+        result["server"] = run_loadgen(server.address, server.proc.pid, cfg)
+    finally:
+        server.stop()
+    result["workers"] = a.workers or os.cpu_count()
+    result["ratios"] = ratios(result)
+    result["elapsed_s"] = round(time.monotonic() - t0, 1)
+    out = a.out or RESULTS / time.strftime(f"invoke-{mode}-%Y%m%d-%H%M%S.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"\nwritten to {out} in {result['elapsed_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

@@ -242,6 +242,41 @@ async def test_short_function_borrows_the_spare_worker(pool: ExecPool, tmp_path:
     await asyncio.gather(*calls)
 
 
+async def test_short_calls_are_pipelined_into_a_busy_worker(tmp_path: Path) -> None:
+    d = version_dir(tmp_path, "echo", wf.echo())
+    async with _pool(1) as p:
+        await p.invoke(job(d, "echo", input=b"warm"))  # known short now
+        calls = [asyncio.ensure_future(p.invoke(job(d, "echo", input=b"%d" % i))) for i in range(8)]
+        await asyncio.sleep(0)
+        # One call runs, one waits in the worker's pipe, the rest in the pool's queue.
+        assert p.stats()["running"] == {"echo": 2} and p.stats()["queued"] == 6
+        results = await asyncio.gather(*calls)
+        assert [r.output for r in results] == [b"%d" % i for i in range(8)]
+        # Time spent behind another call, in the pipe or the queue, is queue time.
+        assert all(r.queue_us > 0 for r in results[1:])
+
+
+async def test_call_pipelined_behind_a_timeout_is_retried(tmp_path: Path) -> None:
+    fast = version_dir(tmp_path, "fast", wf.echo())
+    slow = tmp_path / "slow"
+    slow.mkdir(mode=0o755)
+    (slow / "main.wasm").write_bytes(wf.sleep(5))
+    async with _pool(1) as p:
+        await p.precompile(slow)
+        # Both jobs count as function "f": its history says short, so the second call is
+        # queued inside the worker behind the first, which then overruns and is killed.
+        await p.invoke(job(fast, "f", input=b"warm"))
+        sleeper = asyncio.ensure_future(p.invoke(InvokeJob("f", 2, "wasm", slow, b"", (), Limits(timeout_ms=300))))
+        await asyncio.sleep(0)
+        behind = asyncio.ensure_future(p.invoke(job(fast, "f", input=b"still here")))
+        await asyncio.sleep(0)
+        assert p.stats()["running"] == {"f": 2}
+        with pytest.raises(FunctionTimeoutError):
+            await sleeper
+        r = await behind  # never started in the dead worker: retried in its replacement
+        assert r.output == b"still here" and r.queue_us >= 300_000
+
+
 async def test_two_pools_never_share_a_sandbox_uid(pool: ExecPool, tmp_path: Path) -> None:
     d = version_dir(tmp_path, "echo", wf.echo())
     async with _pool(2) as other:

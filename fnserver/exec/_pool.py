@@ -47,11 +47,29 @@ WARM_TRACKED: Final = 64
 BORROW_MAX_S: Final = 0.05
 #: Functions whose recent call time is remembered (an exponential average per function).
 RECENT_TRACKED: Final = 4096
+#: A call may be queued inside a busy worker (behind its running call) when both functions'
+#: recent calls are this short, so the worker starts it without waiting for the parent.
+PIPELINE_MAX_S: Final = 0.01
+#: A call queued behind one that killed its worker never ran: it is retried this often.
+NOT_STARTED_RETRIES: Final = 2
 _PRECOMPILE_KEY: Final = "\0precompile"
 
 
 class _WorkerDied(Exception):
     pass
+
+
+class _NotStarted(Exception):
+    """A call queued behind another in a worker that died first: it never ran; retry it."""
+
+
+@dataclass(eq=False)
+class _Call:
+    """One request written to a worker's pipe, answered in order (the worker is sequential)."""
+
+    timeout_s: float
+    fut: asyncio.Future[dict[str, Any]]
+    started_ns: int = 0  # when it reached the head of the worker's queue (its guest started)
 
 
 class _Reader(asyncio.Protocol):
@@ -66,7 +84,13 @@ class _Reader(asyncio.Protocol):
 
 
 class _Worker:
-    """One worker process and its pipes, seen from the event loop."""
+    """One worker process and its pipes, seen from the event loop.
+
+    Calls are written to the pipe as soon as they are assigned, so a worker with a call queued
+    behind the running one starts it the moment it has replied, without waiting for the
+    parent's next write (pipelining: this halves the wake-ups per call under load). Only the
+    head of ``calls`` is running; its wall-clock deadline starts when it becomes the head.
+    """
 
     def __init__(self, pool: ExecPool, index: int) -> None:
         self.pool = pool
@@ -75,10 +99,10 @@ class _Worker:
         self.decoder = FrameDecoder(PIPE_MAX_FRAME)
         self.ready = self.loop.create_future()
         self.exited = self.loop.create_future()
-        self.reply: asyncio.Future[dict[str, Any]] | None = None
-        self.deadline = 0.0
-        self.timeout_s = 0.0
-        self.busy = False
+        self.calls: deque[_Call] = deque()
+        #: Function keys holding this worker (assigned, possibly not yet written).
+        self.keys: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
         self.dead = False
         self.uid: int | None = None
         self.info: dict[str, Any] = {}
@@ -107,6 +131,11 @@ class _Worker:
         self.pidfd = os.pidfd_open(self.pid)
         self.loop.add_reader(self.pidfd, self._on_exit)
 
+    @property
+    def busy(self) -> bool:
+        """True while any call is assigned to this worker."""
+        return bool(self.keys)
+
     async def connect(self) -> None:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._wtransport, _ = await self.loop.connect_write_pipe(asyncio.Protocol, self.proc.stdin)
@@ -133,10 +162,18 @@ class _Worker:
             elif "compiling" in frame:
                 # A cold compile does not count against the guest's time: allow the compile
                 # budget, then restart the guest's deadline when the module is ready.
-                now = self.loop.time()
-                self.deadline = now + (COMPILE_BUDGET_S if frame["compiling"] else self.timeout_s)
-            elif self.reply is not None and not self.reply.done():
-                self.reply.set_result(frame)
+                if self.calls:
+                    head = self.calls[0]
+                    self._arm(COMPILE_BUDGET_S if frame["compiling"] else head.timeout_s)
+            elif self.calls:
+                head = self.calls.popleft()
+                if not head.fut.done():  # cancelled while queued: its reply is dropped
+                    head.fut.set_result(frame)
+                if self.calls:
+                    self._start_head()
+                elif self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
 
     def on_eof(self) -> None:
         # A worker closing its pipe is dead to us, whatever it is doing.
@@ -154,19 +191,27 @@ class _Worker:
             self.exited.set_result(self.proc.returncode)
         self.pool._on_exit(self)
 
-    def _mark_dead(self) -> None:
+    def _mark_dead(self, head_error: BaseException | None = None) -> None:
         if self.dead:
             return
         self.dead = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         err = _WorkerDied(f"worker {self.index} (pid {self.pid}) died")
-        for fut in (self.ready, self.reply):
-            if fut is not None and not fut.done():
-                fut.set_exception(err)
-                fut.exception()  # retrieved: the caller may be gone already
+        if not self.ready.done():
+            self.ready.set_exception(err)
+            self.ready.exception()
+        for i, call in enumerate(self.calls):
+            if not call.fut.done():
+                # Only the head ran; the calls behind it never reached the guest.
+                call.fut.set_exception((head_error or err) if i == 0 else _NotStarted())
+                call.fut.exception()  # retrieved: the caller may be gone already
+        self.calls.clear()
 
-    def kill(self) -> None:
+    def kill(self, head_error: BaseException | None = None) -> None:
         """SIGKILL the worker's whole process group (it is a session leader)."""
-        self._mark_dead()
+        self._mark_dead(head_error)
         if self.exited.done():
             return
         with contextlib.suppress(ProcessLookupError):
@@ -174,28 +219,45 @@ class _Worker:
 
     # -- calls ------------------------------------------------------------------------------
 
-    async def call(self, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """Send one request and wait for its reply; raise asyncio.TimeoutError on overrun."""
+    def _arm(self, seconds: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(self.loop.time() + seconds, self._overrun)
+
+    def _start_head(self) -> None:
+        head = self.calls[0]
+        head.started_ns = time.perf_counter_ns()
+        self._arm(head.timeout_s)
+
+    def _overrun(self) -> None:
+        self._timer = None
+        # The parent's wall clock: the only limit a guest asleep in a host call cannot ignore.
+        self.kill(TimeoutError())
+
+    def submit(self, body: dict[str, Any], timeout_s: float) -> _Call:
+        """Write one request; its reply arrives in ``fut`` after those queued before it."""
         if self.dead or self._wtransport is None:
-            raise _WorkerDied(f"worker {self.index} is dead")
-        self.reply = fut = self.loop.create_future()
-        self.timeout_s = timeout_s
-        self.deadline = self.loop.time() + timeout_s
+            raise _NotStarted(f"worker {self.index} died before the call was sent")
+        call = _Call(timeout_s, self.loop.create_future())
         self._wtransport.write(encode_frame(body))
+        self.calls.append(call)
+        if len(self.calls) == 1:
+            self._start_head()
+        return call
+
+    async def wait(self, call: _Call) -> dict[str, Any]:
+        """The reply of ``call``; raise TimeoutError past its deadline (the worker is killed)."""
         try:
-            while not fut.done():
-                left = self.deadline - self.loop.time()
-                if left <= 0:
-                    self.kill()
-                    raise TimeoutError
-                await asyncio.wait([fut], timeout=left)
+            return await call.fut
         except asyncio.CancelledError:
-            # The job keeps running without an owner: the worker goes, not the job.
-            self.kill()
+            if self.calls and self.calls[0] is call:
+                # The job keeps running without an owner: the worker goes, not the job.
+                self.kill()
             raise
-        finally:
-            self.reply = None
-        return fut.result()
+
+    async def call(self, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Send one request and wait for its reply."""
+        return await self.wait(self.submit(body, timeout_s))
 
 
 @dataclass(eq=False)
@@ -229,6 +291,7 @@ class ExecPool:
         self._queue: deque[_Waiter] = deque()
         self._running: Counter[str] = Counter()
         self._recent_s: OrderedDict[str, float] = OrderedDict()
+        self._vdirs: dict[Path | str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._closed = False
@@ -346,22 +409,52 @@ class ExecPool:
             return True
         return borrow and self._recent_s.get(key, BORROW_MAX_S) < BORROW_MAX_S
 
+    def _short(self, key: str) -> bool:
+        return self._recent_s.get(key, PIPELINE_MAX_S) < PIPELINE_MAX_S
+
+    def _pipeline_target(self, key: str, warm_hint: str | None) -> _Worker | None:
+        """A busy worker that may take ``key`` queued behind its one short running call."""
+        if not self._short(key):
+            return None
+        best: _Worker | None = None
+        for w in self._workers:
+            if w is None or w.dead or len(w.keys) != 1 or not self._short(w.keys[0]):
+                continue
+            if best is None or (warm_hint is not None and warm_hint in w.warm):
+                best = w
+        return best
+
     def _pump(self) -> None:
         # First pass: functions under their cap, in FIFO order. Second pass: idle workers left
         # over go to short functions over their cap (nobody under a cap is waiting then).
         for borrow in (False, True):
             if not self._idle or not self._queue:
-                return
+                break
             for waiter in list(self._queue):
                 if not self._idle:
-                    return
+                    break
                 if waiter.fut.done():
                     self._queue.remove(waiter)
                     continue
                 if not self._may_run(waiter.key, borrow=borrow):
                     continue
                 self._queue.remove(waiter)
-                self._assign(waiter.key, waiter.warm_hint, waiter.fut)
+                self._assign(self._pick_idle(waiter.warm_hint), waiter.key, waiter.fut)
+        if self._idle:
+            return
+        # Third pass, every worker busy: queue short calls behind short running ones, in FIFO
+        # order up to the first call that may run but not be pipelined (no overtaking it).
+        for waiter in list(self._queue):
+            if waiter.fut.done():
+                self._queue.remove(waiter)
+                continue
+            if not self._may_run(waiter.key, borrow=True):
+                continue
+            target = self._pipeline_target(waiter.key, waiter.warm_hint)
+            if target is None:
+                return
+            self._queue.remove(waiter)
+            self._assign(target, waiter.key, waiter.fut)
 
     def _note_time(self, key: str, seconds: float) -> None:
         old = self._recent_s.pop(key, None)
@@ -369,7 +462,7 @@ class ExecPool:
         if len(self._recent_s) > RECENT_TRACKED:
             self._recent_s.popitem(last=False)
 
-    def _assign(self, key: str, warm_hint: str | None, fut: asyncio.Future[_Worker]) -> None:
+    def _pick_idle(self, warm_hint: str | None) -> _Worker:
         chosen = self._idle[-1]  # most recently used: its caches are hottest
         if warm_hint is not None:
             for w in reversed(self._idle):
@@ -377,17 +470,26 @@ class ExecPool:
                     chosen = w
                     break
         self._idle.remove(chosen)
-        chosen.busy = True
+        return chosen
+
+    def _assign(self, worker: _Worker, key: str, fut: asyncio.Future[_Worker]) -> None:
+        worker.keys.append(key)
         self._running[key] += 1
-        fut.set_result(chosen)
+        fut.set_result(worker)
 
     async def _acquire(self, key: str, warm_hint: str | None) -> _Worker:
         if self._closed or not self._started:
             raise UnavailableError("the exec pool is not running")
         fut: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
-        if self._idle and not self._queue and self._may_run(key, borrow=True):
-            self._assign(key, warm_hint, fut)
-            return fut.result()
+        if not self._queue:
+            if self._idle and self._may_run(key, borrow=True):
+                self._assign(self._pick_idle(warm_hint), key, fut)
+                return fut.result()
+            if not self._idle and self._may_run(key, borrow=True):
+                target = self._pipeline_target(key, warm_hint)
+                if target is not None:
+                    self._assign(target, key, fut)
+                    return fut.result()
         if len(self._queue) >= self.max_queue:
             raise UnavailableError(
                 f"all workers are busy and {len(self._queue)} calls are queued; retry later",
@@ -410,10 +512,21 @@ class ExecPool:
         self._running[key] -= 1
         if self._running[key] <= 0:
             del self._running[key]
-        worker.busy = False
-        if not worker.dead and not self._closed:
+        with contextlib.suppress(ValueError):
+            worker.keys.remove(key)
+        if not worker.keys and not worker.dead and not self._closed:
             self._idle.append(worker)
         self._pump()
+
+    def _version_dir(self, path: Path | str) -> str:
+        """Absolute, symlink-free path of a version dir (the worker's cache key); memoized,
+        since ``Path.resolve`` costs ~20 us of syscalls on every call otherwise."""
+        hit = self._vdirs.get(path)
+        if hit is None:
+            if len(self._vdirs) >= RECENT_TRACKED:
+                self._vdirs.clear()
+            hit = self._vdirs[path] = str(Path(path).resolve())
+        return hit
 
     # -- public calls -------------------------------------------------------------------------
 
@@ -427,7 +540,7 @@ class ExecPool:
             raise InvalidArgumentError(
                 f"compiling the module took over {PRECOMPILE_TIMEOUT_S:.0f} s"
             ) from None
-        except _WorkerDied as exc:
+        except (_WorkerDied, _NotStarted) as exc:
             raise self._died(exc, "precompiling") from None
         finally:
             self._release(worker, _PRECOMPILE_KEY)
@@ -443,9 +556,7 @@ class ExecPool:
         if fuel is not None and (not isinstance(fuel, int) or isinstance(fuel, bool) or fuel < 1):
             raise InvalidArgumentError(f"fuel must be a positive integer, got {fuel!r}")
         t0 = time.perf_counter_ns()
-        vdir = str(Path(job.version_dir).resolve())
-        worker = await self._acquire(job.function, vdir if job.mode == "wasm" else None)
-        t1 = time.perf_counter_ns()
+        vdir = self._version_dir(job.version_dir)
         lim = job.limits
         body = {
             "op": "invoke",
@@ -461,19 +572,32 @@ class ExecPool:
         }
         if lim.fuel is not None and job.mode == "wasm":
             body["fuel"] = lim.fuel
-        grace = GRACE_S if job.mode == "wasm" else NATIVE_GRACE_S
-        try:
-            reply = await worker.call(body, lim.timeout_ms / 1000 + grace)
-        except TimeoutError:
-            raise FunctionTimeoutError(
-                f"function {job.function!r} timed out after {lim.timeout_ms} ms",
-                {"timeout_ms": lim.timeout_ms},
-            ) from None
-        except _WorkerDied as exc:
-            raise self._died(exc, f"the call to {job.function!r}") from None
-        finally:
-            self._note_time(job.function, (time.perf_counter_ns() - t1) / 1e9)
-            self._release(worker, job.function)
+        timeout_s = lim.timeout_ms / 1000 + (GRACE_S if job.mode == "wasm" else NATIVE_GRACE_S)
+        for _attempt in range(NOT_STARTED_RETRIES + 1):
+            worker = await self._acquire(job.function, vdir if job.mode == "wasm" else None)
+            call: _Call | None = None
+            try:
+                call = worker.submit(body, timeout_s)
+                reply = await worker.wait(call)
+                started_ns = call.started_ns
+                break
+            except _NotStarted:
+                continue  # queued behind a call that killed its worker: it never ran
+            except TimeoutError:
+                raise FunctionTimeoutError(
+                    f"function {job.function!r} timed out after {lim.timeout_ms} ms",
+                    {"timeout_ms": lim.timeout_ms},
+                ) from None
+            except _WorkerDied as exc:
+                raise self._died(exc, f"the call to {job.function!r}") from None
+            finally:
+                if call is not None and call.started_ns:
+                    self._note_time(job.function, (time.perf_counter_ns() - call.started_ns) / 1e9)
+                self._release(worker, job.function)
+        else:
+            raise UnavailableError(
+                f"the call to {job.function!r} could not be started: its workers kept dying"
+            )
         if not reply.get("ok"):
             raise error_from_wire(reply.get("code"), reply.get("message"), reply.get("details"))
         if job.mode == "wasm":
@@ -484,13 +608,13 @@ class ExecPool:
             exit_code=reply["exit_code"],
             truncated=reply["truncated"],
             duration_us=reply["duration_us"],
-            queue_us=(t1 - t0) // 1000,
+            queue_us=(started_ns - t0) // 1000,
             wall_us=(time.perf_counter_ns() - t0) // 1000,
             memory_peak=reply["memory_peak"],
             mode=job.mode,
         )
 
-    def _died(self, exc: _WorkerDied, what: str) -> FnError:
+    def _died(self, exc: Exception, what: str) -> FnError:
         if self._closed:
             return UnavailableError("the exec pool is shutting down")
         return InternalError(f"the worker died during {what}: {exc}")

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -67,6 +67,8 @@ class _NotStarted(Exception):
 class _Call:
     """One request written to a worker's pipe, answered in order (the worker is sequential)."""
 
+    worker: _Worker
+    key: str  # the function it counts against
     timeout_s: float
     fut: asyncio.Future[dict[str, Any]]
     started_ns: int = 0  # when it reached the head of the worker's queue (its guest started)
@@ -100,8 +102,6 @@ class _Worker:
         self.ready = self.loop.create_future()
         self.exited = self.loop.create_future()
         self.calls: deque[_Call] = deque()
-        #: Function keys holding this worker (assigned, possibly not yet written).
-        self.keys: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         self.dead = False
         self.uid: int | None = None
@@ -133,8 +133,8 @@ class _Worker:
 
     @property
     def busy(self) -> bool:
-        """True while any call is assigned to this worker."""
-        return bool(self.keys)
+        """True while any call is written to this worker and not answered."""
+        return bool(self.calls)
 
     async def connect(self) -> None:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -174,6 +174,9 @@ class _Worker:
                 elif self._timer is not None:
                     self._timer.cancel()
                     self._timer = None
+                # Right here, not when the caller's task resumes: the next queued job is
+                # written in this same loop iteration, so the worker does not sit idle.
+                self.pool._call_done(head)
 
     def on_eof(self) -> None:
         # A worker closing its pipe is dead to us, whatever it is doing.
@@ -199,15 +202,19 @@ class _Worker:
             self._timer.cancel()
             self._timer = None
         err = _WorkerDied(f"worker {self.index} (pid {self.pid}) died")
+        with contextlib.suppress(ValueError):
+            self.pool._idle.remove(self)
         if not self.ready.done():
             self.ready.set_exception(err)
             self.ready.exception()
-        for i, call in enumerate(self.calls):
+        calls, self.calls = list(self.calls), deque()
+        for i, call in enumerate(calls):
             if not call.fut.done():
                 # Only the head ran; the calls behind it never reached the guest.
                 call.fut.set_exception((head_error or err) if i == 0 else _NotStarted())
                 call.fut.exception()  # retrieved: the caller may be gone already
-        self.calls.clear()
+        for call in calls:
+            self.pool._call_done(call)
 
     def kill(self, head_error: BaseException | None = None) -> None:
         """SIGKILL the worker's whole process group (it is a session leader)."""
@@ -234,38 +241,33 @@ class _Worker:
         # The parent's wall clock: the only limit a guest asleep in a host call cannot ignore.
         self.kill(TimeoutError())
 
-    def submit(self, body: dict[str, Any], timeout_s: float) -> _Call:
+    def submit(self, key: str, frame: bytes, timeout_s: float) -> _Call:
         """Write one request; its reply arrives in ``fut`` after those queued before it."""
+        call = _Call(self, key, timeout_s, self.loop.create_future())
         if self.dead or self._wtransport is None:
-            raise _NotStarted(f"worker {self.index} died before the call was sent")
-        call = _Call(timeout_s, self.loop.create_future())
-        self._wtransport.write(encode_frame(body))
+            call.fut.set_exception(_NotStarted())
+            call.fut.exception()
+            return call
+        self._wtransport.write(frame)
         self.calls.append(call)
         if len(self.calls) == 1:
             self._start_head()
         return call
 
-    async def wait(self, call: _Call) -> dict[str, Any]:
-        """The reply of ``call``; raise TimeoutError past its deadline (the worker is killed)."""
-        try:
-            return await call.fut
-        except asyncio.CancelledError:
-            if self.calls and self.calls[0] is call:
-                # The job keeps running without an owner: the worker goes, not the job.
-                self.kill()
-            raise
-
-    async def call(self, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """Send one request and wait for its reply."""
-        return await self.wait(self.submit(body, timeout_s))
+    def abandon(self, call: _Call) -> None:
+        """The caller is gone (cancelled): a running job takes its worker with it; a queued
+        one still runs, and its reply is dropped."""
+        if self.calls and self.calls[0] is call:
+            self.kill()
 
 
 @dataclass(eq=False)
 class _Waiter:
     key: str
     warm_hint: str | None
-    fut: asyncio.Future[_Worker]
-    queued_at: int = field(default_factory=time.perf_counter_ns)
+    frame: bytes
+    timeout_s: float
+    fut: asyncio.Future[_Call]
 
 
 class ExecPool:
@@ -418,7 +420,7 @@ class ExecPool:
             return None
         best: _Worker | None = None
         for w in self._workers:
-            if w is None or w.dead or len(w.keys) != 1 or not self._short(w.keys[0]):
+            if w is None or w.dead or len(w.calls) != 1 or not self._short(w.calls[0].key):
                 continue
             if best is None or (warm_hint is not None and warm_hint in w.warm):
                 best = w
@@ -439,7 +441,7 @@ class ExecPool:
                 if not self._may_run(waiter.key, borrow=borrow):
                     continue
                 self._queue.remove(waiter)
-                self._assign(self._pick_idle(waiter.warm_hint), waiter.key, waiter.fut)
+                self._assign(self._pick_idle(waiter.warm_hint), waiter)
         if self._idle:
             return
         # Third pass, every worker busy: queue short calls behind short running ones, in FIFO
@@ -454,7 +456,7 @@ class ExecPool:
             if target is None:
                 return
             self._queue.remove(waiter)
-            self._assign(target, waiter.key, waiter.fut)
+            self._assign(target, waiter)
 
     def _note_time(self, key: str, seconds: float) -> None:
         old = self._recent_s.pop(key, None)
@@ -472,51 +474,63 @@ class ExecPool:
         self._idle.remove(chosen)
         return chosen
 
-    def _assign(self, worker: _Worker, key: str, fut: asyncio.Future[_Worker]) -> None:
-        worker.keys.append(key)
-        self._running[key] += 1
-        fut.set_result(worker)
+    def _assign(self, worker: _Worker, waiter: _Waiter) -> None:
+        call = worker.submit(waiter.key, waiter.frame, waiter.timeout_s)
+        if not call.fut.done():  # else the worker was dead: the caller sees _NotStarted
+            self._running[waiter.key] += 1
+        waiter.fut.set_result(call)
 
-    async def _acquire(self, key: str, warm_hint: str | None) -> _Worker:
+    def _call_done(self, call: _Call) -> None:
+        """A call left its worker (answered, or the worker died): free its place."""
+        if call.started_ns:
+            self._note_time(call.key, (time.perf_counter_ns() - call.started_ns) / 1e9)
+        self._running[call.key] -= 1
+        if self._running[call.key] <= 0:
+            del self._running[call.key]
+        worker = call.worker
+        if not worker.calls and not worker.dead and not self._closed and worker not in self._idle:
+            self._idle.append(worker)
+        self._pump()
+
+    async def _submit(
+        self, key: str, warm_hint: str | None, body: dict[str, Any], timeout_s: float
+    ) -> _Call:
+        """Write a job to a worker now, or queue it until one may take it."""
         if self._closed or not self._started:
             raise UnavailableError("the exec pool is not running")
-        fut: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
-        if not self._queue:
-            if self._idle and self._may_run(key, borrow=True):
-                self._assign(self._pick_idle(warm_hint), key, fut)
+        fut: asyncio.Future[_Call] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(key, warm_hint, encode_frame(body), timeout_s, fut)
+        if not self._queue and self._may_run(key, borrow=True):
+            target = (
+                self._pick_idle(warm_hint) if self._idle else self._pipeline_target(key, warm_hint)
+            )
+            if target is not None:
+                self._assign(target, waiter)
                 return fut.result()
-            if not self._idle and self._may_run(key, borrow=True):
-                target = self._pipeline_target(key, warm_hint)
-                if target is not None:
-                    self._assign(target, key, fut)
-                    return fut.result()
         if len(self._queue) >= self.max_queue:
             raise UnavailableError(
                 f"all workers are busy and {len(self._queue)} calls are queued; retry later",
                 {"max_queue": self.max_queue},
             )
-        waiter = _Waiter(key, warm_hint, fut)
         self._queue.append(waiter)
         self._pump()
         try:
             return await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._release(fut.result(), key)
+                fut.result().worker.abandon(fut.result())
             else:
                 with contextlib.suppress(ValueError):
                     self._queue.remove(waiter)
             raise
 
-    def _release(self, worker: _Worker, key: str) -> None:
-        self._running[key] -= 1
-        if self._running[key] <= 0:
-            del self._running[key]
-        with contextlib.suppress(ValueError):
-            worker.keys.remove(key)
-        if not worker.keys and not worker.dead and not self._closed:
-            self._idle.append(worker)
-        self._pump()
+    @staticmethod
+    async def _wait(call: _Call) -> dict[str, Any]:
+        try:
+            return await call.fut
+        except asyncio.CancelledError:
+            call.worker.abandon(call)
+            raise
 
     def _version_dir(self, path: Path | str) -> str:
         """Absolute, symlink-free path of a version dir (the worker's cache key); memoized,
@@ -533,20 +547,19 @@ class ExecPool:
     async def precompile(self, version_dir: Path) -> None:
         """Validate and precompile ``version_dir/main.wasm`` in a worker (hostile-safe)."""
         vdir = str(Path(version_dir).resolve())
-        worker = await self._acquire(_PRECOMPILE_KEY, None)
+        body = {"op": "precompile", "dir": vdir}
+        call = await self._submit(_PRECOMPILE_KEY, None, body, PRECOMPILE_TIMEOUT_S)
         try:
-            reply = await worker.call({"op": "precompile", "dir": vdir}, PRECOMPILE_TIMEOUT_S)
+            reply = await self._wait(call)
         except TimeoutError:
             raise InvalidArgumentError(
                 f"compiling the module took over {PRECOMPILE_TIMEOUT_S:.0f} s"
             ) from None
         except (_WorkerDied, _NotStarted) as exc:
             raise self._died(exc, "precompiling") from None
-        finally:
-            self._release(worker, _PRECOMPILE_KEY)
         if not reply.get("ok"):
             raise error_from_wire(reply.get("code"), reply.get("message"), reply.get("details"))
-        self._note_warm(worker, vdir)
+        self._note_warm(call.worker, vdir)
 
     async def invoke(self, job: InvokeJob) -> InvokeResult:
         """Run one invocation; guest failures raise the matching :class:`FnError`."""
@@ -573,13 +586,11 @@ class ExecPool:
         if lim.fuel is not None and job.mode == "wasm":
             body["fuel"] = lim.fuel
         timeout_s = lim.timeout_ms / 1000 + (GRACE_S if job.mode == "wasm" else NATIVE_GRACE_S)
+        warm_hint = vdir if job.mode == "wasm" else None
         for _attempt in range(NOT_STARTED_RETRIES + 1):
-            worker = await self._acquire(job.function, vdir if job.mode == "wasm" else None)
-            call: _Call | None = None
+            call = await self._submit(job.function, warm_hint, body, timeout_s)
             try:
-                call = worker.submit(body, timeout_s)
-                reply = await worker.wait(call)
-                started_ns = call.started_ns
+                reply = await self._wait(call)
                 break
             except _NotStarted:
                 continue  # queued behind a call that killed its worker: it never ran
@@ -590,10 +601,6 @@ class ExecPool:
                 ) from None
             except _WorkerDied as exc:
                 raise self._died(exc, f"the call to {job.function!r}") from None
-            finally:
-                if call is not None and call.started_ns:
-                    self._note_time(job.function, (time.perf_counter_ns() - call.started_ns) / 1e9)
-                self._release(worker, job.function)
         else:
             raise UnavailableError(
                 f"the call to {job.function!r} could not be started: its workers kept dying"
@@ -601,14 +608,14 @@ class ExecPool:
         if not reply.get("ok"):
             raise error_from_wire(reply.get("code"), reply.get("message"), reply.get("details"))
         if job.mode == "wasm":
-            self._note_warm(worker, vdir)
+            self._note_warm(call.worker, vdir)
         return InvokeResult(
             output=reply["output"],
             stderr=reply["stderr"],
             exit_code=reply["exit_code"],
             truncated=reply["truncated"],
             duration_us=reply["duration_us"],
-            queue_us=(started_ns - t0) // 1000,
+            queue_us=(call.started_ns - t0) // 1000,
             wall_us=(time.perf_counter_ns() - t0) // 1000,
             memory_peak=reply["memory_peak"],
             mode=job.mode,

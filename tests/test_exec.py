@@ -277,6 +277,27 @@ async def test_call_pipelined_behind_a_timeout_is_retried(tmp_path: Path) -> Non
         assert r.output == b"still here" and r.queue_us >= 300_000
 
 
+async def test_cancelling_a_pipelined_call_spares_the_running_one(tmp_path: Path) -> None:
+    fast = version_dir(tmp_path, "fast", wf.echo())
+    nap = tmp_path / "nap"
+    nap.mkdir(mode=0o755)
+    (nap / "main.wasm").write_bytes(wf.sleep(0.3))
+    async with _pool(1) as p:
+        await p.precompile(nap)
+        await p.invoke(job(fast, "f", input=b"warm"))
+        pid = p.stats()["pids"]
+        running = asyncio.ensure_future(p.invoke(InvokeJob("f", 2, "wasm", nap, b"", (), Limits())))
+        await asyncio.sleep(0)
+        queued = asyncio.ensure_future(p.invoke(job(fast, "f", input=b"gone")))
+        await asyncio.sleep(0.05)
+        assert p.stats()["running"] == {"f": 2}
+        queued.cancel()
+        r = await running  # its worker was not killed for the queued call's sake
+        assert r.exit_code == 0 and p.stats()["pids"] == pid
+        assert (await p.invoke(job(fast, "f", input=b"next"))).output == b"next"
+        assert p.stats()["running"] == {} and p.stats()["pids"] == pid
+
+
 async def test_two_pools_never_share_a_sandbox_uid(pool: ExecPool, tmp_path: Path) -> None:
     d = version_dir(tmp_path, "echo", wf.echo())
     async with _pool(2) as other:

@@ -363,6 +363,22 @@ int main(void) {
 #include <unistd.h>
 int main(void) { char b[65536]; memset(b, 'x', sizeof b); for (;;) write(1, b, sizeof b); }""",
     "spin": "int main(void) { for (;;) {} }",
+    "litter": r"""
+#include <dirent.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+int main(int argc, char **argv) {
+    DIR *d = opendir(".");
+    struct dirent *e;
+    int n = 0;
+    while ((e = readdir(d)) != NULL)
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) n++;
+    printf("%d\n", n);
+    if (argc > 1 && argv[1][0] == 'f') { FILE *f = fopen("left-behind", "w"); fputs("x", f); fclose(f); }
+    if (argc > 1 && argv[1][0] == 'c') chmod(".", 0);
+    return 0;
+}""",
 }
 
 
@@ -404,6 +420,17 @@ async def test_native_echo(pool: ExecPool, tmp_path: Path, natives: dict[str, Pa
         r = await pool.invoke(job(d, "necho", mode="native", input=data, args=("xy", "z")))
         assert (r.output, r.stderr, r.exit_code, r.truncated) == (data, b"xz", 7, False)
         assert r.mode == "native" and r.memory_peak > 0
+
+
+async def test_native_calls_start_in_an_empty_directory(
+    pool: ExecPool, tmp_path: Path, natives: dict[str, Path]
+) -> None:
+    d = version_dir(tmp_path, "litter", binary=natives["litter"])
+    # Each call counts the entries of its working directory, then dirties it (a file, then
+    # a locked directory): the next call must still start in an empty, usable one.
+    for how in ("file", "chmod", "none", "none"):
+        r = await pool.invoke(job(d, "litter", mode="native", args=(how,)))
+        assert (r.exit_code, r.output) == (0, b"0\n")
 
 
 async def test_native_fork_storm_is_contained(

@@ -19,6 +19,7 @@ import resource
 import select
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -110,6 +111,7 @@ class Worker:
         self._ticker = threading.Thread(target=self._tick, name="epoch-ticker", daemon=True)
         self._ticker.start()
         self.scratch = tempfile.mkdtemp(prefix="fnserver-worker-")
+        self._last_dir: str | None = None
         os.chdir(self.scratch)
 
     # -- pipe -------------------------------------------------------------------------------
@@ -408,7 +410,7 @@ class Worker:
         cap: int = req["output_bytes"]
         timeout_ms: int = req["timeout_ms"]
         cpu_s = max(1, math.ceil(timeout_ms / 1000))
-        workdir = tempfile.mkdtemp(prefix="call-", dir=self.scratch)
+        workdir = self._call_dir()
         in_fd = _memfd("stdin")
         try:
             data: bytes = req["input"]
@@ -450,7 +452,6 @@ class Worker:
         finally:
             kill_descendants(self.info)
             os.close(in_fd)
-            shutil.rmtree(workdir, ignore_errors=True)
         output, out_size = _read_fd(self.out_fd, cap)
         stderr, _ = _read_fd(self.err_fd, min(cap, STDERR_MAX))
         self._reset_outputs()
@@ -473,6 +474,32 @@ class Worker:
             # is an upper bound that includes the worker's RSS at spawn (~30 MiB).
             "memory_peak": usage.ru_maxrss * 1024,
         }
+
+    def _call_dir(self) -> str:
+        """An empty working directory for a native call.
+
+        The last call's directory is reused when it is still empty and untouched (mode 0700,
+        ours), which saves a mkdir and an rmdir (~130 us) per call; anything the binary left
+        in it, or changed about it, gets it replaced. Its processes are all dead by now.
+        """
+        d = self._last_dir
+        if d is not None:
+            try:
+                st = os.lstat(d)
+                if (
+                    stat.S_ISDIR(st.st_mode)
+                    and stat.S_IMODE(st.st_mode) == 0o700
+                    and st.st_uid == os.geteuid()
+                    and not os.listdir(d)
+                ):
+                    return d
+            except OSError:
+                pass
+            with contextlib.suppress(OSError):
+                os.chmod(d, 0o700)  # a binary may have locked its own directory
+            shutil.rmtree(d, ignore_errors=True)
+        self._last_dir = tempfile.mkdtemp(prefix="call-", dir=self.scratch)
+        return self._last_dir
 
     def _limit_child(self, pid: int, req: dict[str, Any], cpu_s: int, cap: int) -> None:
         """Per-call limits, applied microseconds after spawn (MEASURED.md: costs nothing)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fnserver.exec import ExecPool, InvokeJob, InvokeResult, Limits, precompiled_name
+from fnserver.exec._pool import PIPELINE_MAX_DEPTH
 from fnserver.protocol.errors import (
     FnError,
     FunctionTimeoutError,
@@ -246,14 +247,25 @@ async def test_short_calls_are_pipelined_into_a_busy_worker(tmp_path: Path) -> N
     d = version_dir(tmp_path, "echo", wf.echo())
     async with _pool(1) as p:
         await p.invoke(job(d, "echo", input=b"warm"))  # known short now
-        calls = [asyncio.ensure_future(p.invoke(job(d, "echo", input=b"%d" % i))) for i in range(8)]
+        calls = [asyncio.ensure_future(p.invoke(job(d, "echo", input=b"%d" % i))) for i in range(40)]
         await asyncio.sleep(0)
-        # One call runs, one waits in the worker's pipe, the rest in the pool's queue.
-        assert p.stats()["running"] == {"echo": 2} and p.stats()["queued"] == 6
+        # One call runs, a bounded number wait in the worker's pipe, the rest in the queue.
+        held, queued = p.stats()["running"]["echo"], p.stats()["queued"]
+        assert 2 <= held <= PIPELINE_MAX_DEPTH and held + queued == 40
         results = await asyncio.gather(*calls)
-        assert [r.output for r in results] == [b"%d" % i for i in range(8)]
+        assert [r.output for r in results] == [b"%d" % i for i in range(40)]
         # Time spent behind another call, in the pipe or the queue, is queue time.
         assert all(r.queue_us > 0 for r in results[1:])
+
+
+async def test_longer_calls_wait_in_the_pool_not_in_a_worker(tmp_path: Path) -> None:
+    nap = version_dir(tmp_path, "nap", wf.sleep(0.03))
+    async with _pool(1) as p:
+        await p.invoke(job(nap, "nap"))  # 30 ms a call: over PIPELINE_MAX_S
+        calls = [asyncio.ensure_future(p.invoke(job(nap, "nap"))) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert p.stats()["running"] == {"nap": 1} and p.stats()["queued"] == 2
+        await asyncio.gather(*calls)
 
 
 async def test_call_pipelined_behind_a_timeout_is_retried(tmp_path: Path) -> None:

@@ -1,0 +1,45 @@
+"""The benchmarks keep working: each runs end to end in its smallest mode (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_invoke_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "invoke.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/bench_invoke.py", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["server"]) == {"ping@1", "c@1", "c@64", "go@1", "go@64"}
+    for phase in result["server"].values():
+        assert phase["calls"] > 0 and phase["p99_us"] >= phase["p50_us"] > 0
+    assert set(result["ratios"]) == {
+        "c_throughput_64_vs_floor",
+        "c_p50_1_vs_2floor_plus_rtt",
+        "go_throughput_64_vs_floor",
+        "go_p50_1_vs_2floor_plus_rtt",
+    }
+    assert all(v > 0 for v in result["ratios"].values())
+    assert b"ratios" in proc.stdout
+
+
+def test_native_spawn_bench_small(tmp_path: Path) -> None:
+    out = tmp_path / "native.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/bench_native_spawn.py", "--calls", "20", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    assert out.is_file() and b"ratio (b)/(a)" in proc.stdout

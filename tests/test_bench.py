@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +36,7 @@ def test_invoke_bench_smoke(tmp_path: Path) -> None:
     assert b"ratios" in proc.stdout
 
 
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="the bench builds its binary with gcc")
 def test_native_spawn_bench_small(tmp_path: Path) -> None:
     out = tmp_path / "native.json"
     proc = subprocess.run(

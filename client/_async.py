@@ -356,11 +356,14 @@ class AsyncClient:
         kind: str | None = None,
         description: str | None = None,
         progress: ProgressCallback | None = None,
+        fuel: int | None = None,
     ) -> dict[str, Any]:
         """Upload and build a new version of ``name`` (§5.2); return its metadata (§5.9).
 
         A path is hashed in one pass and streamed in a second, one chunk in memory at a time.
         ``progress`` receives each event map the server sends while the request runs.
+        ``fuel`` gives the function an instruction budget (wasm mode; running out is a
+        :class:`FunctionTimeoutError` with ``details["fuel"]``).
         """
         if isinstance(path_or_bytes, bytes | bytearray | memoryview):
             data = bytes(path_or_bytes)
@@ -393,6 +396,7 @@ class AsyncClient:
             {
                 "timeout_ms": timeout_ms,
                 "memory_mb": memory_mb,
+                "fuel": fuel,
                 "alias": alias,
                 "kind": kind,
                 "description": description,

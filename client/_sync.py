@@ -106,6 +106,7 @@ class Client:
         kind: str | None = None,
         description: str | None = None,
         progress: ProgressCallback | None = None,
+        fuel: int | None = None,
     ) -> dict[str, Any]:
         """See :meth:`AsyncClient.register`."""
         return self._run(
@@ -119,6 +120,7 @@ class Client:
                 kind=kind,
                 description=description,
                 progress=progress,
+                fuel=fuel,
             )
         )
 

@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--timeout", type=_positive_int, metavar="MS", help="time limit (ms)")
     p.add_argument("--memory", type=_positive_int, metavar="MB", help="memory limit (MiB)")
+    p.add_argument(
+        "--fuel",
+        type=_positive_int,
+        metavar="N",
+        help="instruction budget (wasm mode): a CPU limit independent of machine speed",
+    )
     p.add_argument("--alias", metavar="A", help="point this alias at the new version")
     p.add_argument("--kind", metavar="KIND", help="override the kind picked by the extension")
     p.add_argument("--description", metavar="TEXT")
@@ -194,6 +200,7 @@ async def _cmd_register(client: AsyncClient, ns: argparse.Namespace) -> int:
             ns.file,
             timeout_ms=ns.timeout,
             memory_mb=ns.memory,
+            fuel=ns.fuel,
             alias=ns.alias,
             kind=ns.kind,
             description=ns.description,
@@ -331,7 +338,8 @@ def _describe_version(meta: dict[str, Any]) -> str:
         f"    kind {meta.get('kind', '?')}, artifacts {artifacts}, mode {meta.get('mode', '?')}",
         f"    file {meta.get('filename', '?')}, {_size(meta.get('size'))},"
         f" sha256 {str(meta.get('sha256') or '')[:12]}",
-        f"    limits {limits.get('timeout_ms', '?')} ms, {limits.get('memory_mb', '?')} MiB",
+        f"    limits {limits.get('timeout_ms', '?')} ms, {limits.get('memory_mb', '?')} MiB"
+        + (f", fuel {limits['fuel']}" if limits.get("fuel") else ""),
         f"    toolchain {meta.get('toolchain') or '-'},"
         f" built in {(meta.get('build_ms') or 0) / 1000:.1f} s",
     ]

@@ -60,6 +60,18 @@ _UPLOAD_FILE = "upload"
 _MAX_IN_FLIGHT = 4096
 
 
+#: The largest fuel budget a function may ask for (wasmtime counts about one unit per wasm
+#: operator: 10**12 is minutes of CPU, well past any time limit).
+MAX_FUEL = 10**12
+
+
+def _present_limits(req: dict[str, Any]) -> dict[str, int]:
+    limits = {"timeout_ms": req["timeout_ms"], "memory_mb": req["memory_mb"]}
+    if req.get("fuel") is not None:
+        limits["fuel"] = req["fuel"]
+    return limits
+
+
 def _opt_int(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
     value = body.get(key)
     if value is None:
@@ -237,6 +249,7 @@ class FnServer:
             limits=Limits(
                 timeout_ms=timeout_ms or int(limits.get("timeout_ms", self.config.default_timeout_ms)),
                 memory_mb=int(limits.get("memory_mb", self.config.default_memory_mb)),
+                fuel=limits.get("fuel") if mode == "wasm" else None,
                 output_bytes=self.config.output_bytes,
             ),
         )
@@ -322,6 +335,8 @@ class FnServer:
             "description": description,
             "timeout_ms": _opt_int(opts, "timeout_ms", 1, c.max_timeout_ms) or c.default_timeout_ms,
             "memory_mb": _opt_int(opts, "memory_mb", 1, c.max_memory_mb) or c.default_memory_mb,
+            # wasm only: an instruction budget, for limits that do not depend on machine speed.
+            "fuel": _opt_int(opts, "fuel", 1, MAX_FUEL),
         }
 
     async def finish_register(
@@ -347,7 +362,7 @@ class FnServer:
             "kind": built.kind,
             "artifacts": list(built.artifacts),
             "mode": "wasm" if "wasm" in built.artifacts else "native",
-            "limits": {"timeout_ms": req["timeout_ms"], "memory_mb": req["memory_mb"]},
+            "limits": _present_limits(req),
             "description": req["description"],
             "toolchain": built.toolchain,
             "build_ms": built.build_ms,

@@ -338,6 +338,14 @@ async def test_cli_end_to_end(handle: ServerHandle, tmp_path: Path) -> None:
     code, out, err = await run_fn(addr, "invoke", "exiter")
     assert (code, out, err) == (7, b"bye", b"oops")
 
+    spin = _write(tmp_path, "spin.wasm", wf.infinite_loop())
+    code, out, err = await run_fn(addr, "register", "spin", str(spin), "--fuel", "100000", "--json")
+    assert code == 0 and json.loads(out)["limits"]["fuel"] == 100000, err
+    code, out, _ = await run_fn(addr, "get", "spin")
+    assert code == 0 and b"fuel 100000" in out
+    code, out, err = await run_fn(addr, "invoke", "spin", "--input", "")
+    assert code == 125 and err.decode().startswith("error: TIMEOUT: ") and b"fuel" in err
+
     argv = _write(tmp_path, "argv.wasm", wf.argv_echo())
     assert (await run_fn(addr, "register", "argv", str(argv)))[0] == 0
     code, out, _ = await run_fn(addr, "invoke", "argv", "--input", "", "--", "x", "--y")

@@ -198,6 +198,28 @@ async def test_cpu_loop_times_out_while_others_keep_working(
     assert (await client.invoke("echo", b"after")).output == b"after"
 
 
+async def test_fuel_budget_stops_a_loop_deterministically(
+    handle: ServerHandle, client: AsyncClient
+) -> None:
+    # A budget set at register: the loop ends by running out of fuel, long before its
+    # 60 s wall-clock limit, whatever the machine's speed.
+    meta = await client.register(
+        "spin", wf.infinite_loop(), filename="spin.wasm", timeout_ms=60_000, fuel=5_000_000
+    )
+    assert meta["limits"]["fuel"] == 5_000_000
+    assert (await client.get("spin"))["versions"][0]["limits"]["fuel"] == 5_000_000
+    await client.register("echo", wf.echo(), filename="echo.wasm", fuel=5_000_000)
+    t0 = time.monotonic()
+    attack = asyncio.create_task(client.invoke("spin"))
+    await _echo_calls(client)  # a budget is per call: small calls fit in theirs
+    with pytest.raises(fnclient.FunctionTimeoutError) as info:
+        await attack
+    assert info.value.details["fuel"] == 5_000_000 and "fuel" in info.value.message
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(fnclient.InvalidArgumentError):
+        await client.register("bad", wf.echo(), filename="bad.wasm", fuel=0)
+
+
 async def test_sleep_in_host_call_times_out_at_the_wall_deadline(
     handle: ServerHandle, client: AsyncClient
 ) -> None:

@@ -21,13 +21,13 @@ Order matters:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
 import resource
 import signal
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -224,31 +224,34 @@ def _children() -> list[int]:
 def kill_descendants(info: SandboxInfo, *, startup: bool = False) -> int:
     """SIGKILL and reap every remaining descendant; return how many rounds it took.
 
-    With a dedicated uid, ``kill(-1, SIGKILL)`` hits exactly the processes of this uid except
-    the worker itself, including ones that called setsid. Otherwise the worker walks its own
-    children (orphans come back to it as subreaper) until none is left.
+    The worker is a child subreaper, so once a native binary has been waited for, anything it
+    left behind (even after ``setsid`` or a double fork) is in the worker's subtree: no
+    children means nothing is left, which is the common case and costs one /proc read. With a
+    dedicated uid, ``kill(-1, SIGKILL)`` then ends the whole subtree at once, grandchildren
+    included; otherwise the worker walks its children round by round.
+
+    ``kill(-1)`` cannot tell whether it found anything: Linux returns 0 as soon as any other
+    process exists, even when every one of them refused with EPERM, so the loop asks
+    ``/proc/self/task/*/children`` instead.
+
+    ``startup``: a new worker in a recycled uid slot sends one ``kill(-1)`` for leftovers of its
+    predecessor (not its children; the pool also sweeps that uid before starting it).
     """
-    for rounds in range(64):
+    if startup:
         if info.uid is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(-1, signal.SIGKILL)
-            except ProcessLookupError:
-                return rounds
-            except PermissionError:
-                return rounds
-            if startup:
-                # Leftovers are not our children: give their reaper a moment, do not wait.
-                time.sleep(0.01)
-                continue
-            _reap_all()
+        return 0
+    for rounds in range(64):
+        pids = _children()
+        if not pids:
+            return rounds
+        if info.uid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(-1, signal.SIGKILL)
         else:
-            pids = _children()
-            if not pids:
-                return rounds
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            _reap_all()
+        _reap_all()
     return 64

@@ -47,23 +47,6 @@ func main() {
 \tos.Stdout.Write(in)
 }
 """
-# --smoke: no toolchain; both slots run this WAT echo (the figures are then meaningless).
-WAT_ECHO = """(module
-  (import "wasi_snapshot_preview1" "fd_read" (func $r (param i32 i32 i32 i32) (result i32)))
-  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 2)
-  (func (export "_start") (local $n i32)
-    (loop $more
-      (i32.store (i32.const 0) (i32.const 1024))
-      (i32.store (i32.const 4) (i32.const 65536))
-      (drop (call $r (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 16)))
-      (local.set $n (i32.load (i32.const 16)))
-      (if (i32.gt_u (local.get $n) (i32.const 0))
-        (then
-          (i32.store (i32.const 4) (local.get $n))
-          (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
-          (br $more))))))"""
-
 MODES = {
     # seconds per server phase, seconds per floor, in-flight levels
     "smoke": {"phase_s": 0.3, "floor_s": 0.3, "warmup_s": 0.05},
@@ -84,9 +67,10 @@ def cache_dir() -> Path:
 def build_modules(smoke: bool) -> dict[str, bytes]:
     """main.wasm of the C and Go echo functions, built once with fnserver's Builder."""
     if smoke:
-        import wasmtime
+        # No toolchain: both slots run the tests' WAT echo (the figures are then meaningless).
+        from tests import wasm_fixtures
 
-        wasm = bytes(wasmtime.wat2wasm(WAT_ECHO))
+        wasm = wasm_fixtures.echo()
         return {"c": wasm, "go": wasm}
     from fnserver.build import Builder
 

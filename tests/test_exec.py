@@ -270,9 +270,7 @@ async def test_longer_calls_wait_in_the_pool_not_in_a_worker(tmp_path: Path) -> 
 
 async def test_call_pipelined_behind_a_timeout_is_retried(tmp_path: Path) -> None:
     fast = version_dir(tmp_path, "fast", wf.echo())
-    slow = tmp_path / "slow"
-    slow.mkdir(mode=0o755)
-    (slow / "main.wasm").write_bytes(wf.sleep(5))
+    slow = version_dir(tmp_path, "slow", wf.sleep(5))
     async with _pool(1) as p:
         await p.precompile(slow)
         # Both jobs count as function "f": its history says short, so the second call is
@@ -291,9 +289,7 @@ async def test_call_pipelined_behind_a_timeout_is_retried(tmp_path: Path) -> Non
 
 async def test_cancelling_a_pipelined_call_spares_the_running_one(tmp_path: Path) -> None:
     fast = version_dir(tmp_path, "fast", wf.echo())
-    nap = tmp_path / "nap"
-    nap.mkdir(mode=0o755)
-    (nap / "main.wasm").write_bytes(wf.sleep(0.3))
+    nap = version_dir(tmp_path, "nap", wf.sleep(0.3))
     async with _pool(1) as p:
         await p.precompile(nap)
         await p.invoke(job(fast, "f", input=b"warm"))

@@ -44,6 +44,7 @@ from ._guest import GuestRun, run_guest
 from ._sandbox import WORKER_FSIZE, SandboxInfo, kill_descendants, setup_worker
 
 PIPE_MAX_FRAME: Final = 1 << 30
+PIPE_READ_SIZE: Final = 64 * 1024
 #: Ready modules kept per worker; Go modules are ~5 MB mmapped, C ones ~15 KB.
 CACHE_MAX_MODULES: Final = 64
 CACHE_MAX_BYTES: Final = 512 * 1024 * 1024
@@ -55,6 +56,8 @@ NATIVE_NOFILE: Final = 64
 WASI_MODULE: Final = "wasi_snapshot_preview1"
 #: Host stack for guests: wasm may use up to max_wasm_stack (8 MiB) on top of the host frames.
 GUEST_THREAD_STACK: Final = 32 * 1024 * 1024
+#: The epoch ticker stops after this long without a call (and is woken by the next one).
+PARK_AFTER_S: Final = 1.0
 
 
 @dataclass
@@ -102,9 +105,14 @@ class Worker:
         # The Store of the last call, deleted after its reply went out (see serve()).
         self._pending: GuestRun | None = None
         self._ticking = self.main.engine
-        # Ticker state: the ticker advances the epoch while a guest runs, and forces the
-        # deadline when the guest's output passed its cap (a flooding guest ignores EFBIG).
-        self._active = threading.Event()
+        # Ticker state: the ticker advances the epoch every tick while calls keep coming, and
+        # forces the deadline when the guest's output passed its cap (a flooding guest ignores
+        # EFBIG). It runs freely rather than being woken per call: a wake-up per call costs a
+        # futex wake and a GIL hand-over on the latency path; it parks after PARK_AFTER_S idle.
+        self._guest_running = False
+        self._last_call = 0.0
+        self._parked = False
+        self._wake = threading.Event()
         self._cap = 0
         self._deadline_ticks = 0
         self.flooded = False
@@ -135,7 +143,10 @@ class Worker:
             }
         )
         while True:
-            chunk = os.read(self.rfd, 1 << 20)
+            # 64 KiB, not more: os.read allocates its whole size first, and from 128 KiB up
+            # glibc serves that with mmap + mremap + munmap on every call (a TLB shootdown
+            # across the worker's threads each time).
+            chunk = os.read(self.rfd, PIPE_READ_SIZE)
             if not chunk:
                 return
             decoder.feed(chunk)
@@ -287,11 +298,14 @@ class Worker:
 
     def _tick(self) -> None:
         while True:
-            self._active.wait()
             time.sleep(EPOCH_TICK_S)
             engine = self._ticking
             engine.increment_epoch()
-            if not self._active.is_set() or self.flooded:
+            if not self._guest_running:
+                if time.monotonic() - self._last_call > PARK_AFTER_S:
+                    self._park()
+                continue
+            if self.flooded:
                 continue
             try:
                 over = (
@@ -305,6 +319,15 @@ class Worker:
                 self.flooded = True
                 for _ in range(self._deadline_ticks + 2):
                     engine.increment_epoch()
+
+    def _park(self) -> None:
+        """Sleep until the next call (see run_wasm, which checks ``_parked`` after setting
+        ``_last_call``; the re-check here closes the race)."""
+        self._wake.clear()
+        self._parked = True
+        if not self._guest_running and time.monotonic() - self._last_call > PARK_AFTER_S:
+            self._wake.wait()
+        self._parked = False
 
     def _reset_outputs(self) -> None:
         # A native child shares these file descriptions (dup2): rewind, or it writes at the
@@ -328,7 +351,10 @@ class Worker:
         # Writes past cap+1 bytes fail with EFBIG (SIGXFSZ is ignored in the worker).
         resource.setrlimit(resource.RLIMIT_FSIZE, (cap + 1, WORKER_FSIZE))
         started = time.perf_counter_ns()
-        self._active.set()
+        self._last_call = time.monotonic()
+        self._guest_running = True
+        if self._parked:
+            self._wake.set()
         try:
             run = run_guest(
                 eng.engine,
@@ -342,7 +368,7 @@ class Worker:
                 fuel=fuel,
             )
         finally:
-            self._active.clear()
+            self._guest_running = False
             resource.setrlimit(resource.RLIMIT_FSIZE, (WORKER_FSIZE, WORKER_FSIZE))
         duration_us = (time.perf_counter_ns() - started) // 1000
         self._pending = run

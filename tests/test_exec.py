@@ -15,6 +15,7 @@ import pytest
 
 from fnserver.exec import ExecPool, InvokeJob, InvokeResult, Limits, precompiled_name
 from fnserver.exec._pool import PIPELINE_MAX_DEPTH
+from fnserver.exec._worker import PARK_AFTER_S
 from fnserver.protocol.errors import (
     FnError,
     FunctionTimeoutError,
@@ -241,6 +242,21 @@ async def test_short_function_borrows_the_spare_worker(pool: ExecPool, tmp_path:
     r = await pool.invoke(job(echo_dir, "echo", input=b"x"))
     assert r.output == b"x" and sum(c.done() for c in calls) <= 3
     await asyncio.gather(*calls)
+
+
+async def test_epoch_deadline_holds_after_the_ticker_parked(tmp_path: Path) -> None:
+    loop = version_dir(tmp_path, "loop", wf.infinite_loop())
+    echo = version_dir(tmp_path, "echo", wf.echo())
+    async with _pool(1) as p:
+        await p.precompile(loop)
+        await p.invoke(job(echo, "echo", input=b"x"))
+        await asyncio.sleep(PARK_AFTER_S + 0.5)  # idle: the epoch ticker parks
+        pids = p.stats()["pids"]
+        with pytest.raises(FunctionTimeoutError):
+            await p.invoke(job(loop, "loop", timeout_ms=300))
+        # Stopped by wasmtime's epoch deadline inside the worker, not by the parent's kill.
+        assert p.stats()["pids"] == pids
+        assert (await p.invoke(job(echo, "echo", input=b"y"))).output == b"y"
 
 
 async def test_short_calls_are_pipelined_into_a_busy_worker(tmp_path: Path) -> None:

@@ -322,6 +322,56 @@ async def test_cancelling_a_pipelined_call_spares_the_running_one(tmp_path: Path
         assert p.stats()["running"] == {} and p.stats()["pids"] == pid
 
 
+async def test_mixed_load_with_timeouts_and_cancellations_settles_clean(tmp_path: Path) -> None:
+    """Scheduler soak: short, sleeping, looping and hanging calls of several functions at
+    once, some cancelled, on 2 workers. Every call ends with its own answer or its own
+    error, and afterwards nothing is left held, queued or running."""
+    import random
+
+    rng = random.Random(1234)
+    echo = version_dir(tmp_path, "echo", wf.echo())
+    nap = version_dir(tmp_path, "nap", wf.sleep(0.02))
+    spin = version_dir(tmp_path, "spin", wf.infinite_loop())
+    hang = version_dir(tmp_path, "hang", wf.sleep(30))
+    async with _pool(2) as p:
+        for d in (nap, spin, hang):
+            await p.precompile(d)
+
+        async def one(i: int) -> str:
+            kind = rng.choice(["echo"] * 6 + ["nap", "spin", "hang"])
+            if kind == "echo":
+                data = b"call %d" % i
+                r = await p.invoke(job(echo, "echo", input=data))
+                assert r.output == data
+            elif kind == "nap":
+                assert (await p.invoke(job(nap, "nap"))).exit_code == 0
+            else:
+                with pytest.raises(FunctionTimeoutError):
+                    await p.invoke(job(spin if kind == "spin" else hang, kind, timeout_ms=200))
+            return kind
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(120)]
+        await asyncio.sleep(0.05)
+        cancelled = set(rng.sample(range(len(tasks)), 15))
+        for i in cancelled:
+            tasks[i].cancel()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        for i, res in enumerate(results):
+            if isinstance(res, asyncio.CancelledError):
+                assert i in cancelled
+            else:
+                assert isinstance(res, str), res  # an assertion or a wrong error lands here
+        assert sum(isinstance(r, str) for r in results) >= len(tasks) - len(cancelled)
+        for _ in range(200):  # workers killed by timeouts are being replaced
+            if len(p.stats()["pids"]) == 2 and p.stats()["idle"] == 2:
+                break
+            await asyncio.sleep(0.05)
+        stats = p.stats()
+        assert (stats["running"], stats["queued"], stats["idle"]) == ({}, 0, 2)
+        r = await p.invoke(job(echo, "echo", input=b"after"))
+        assert r.output == b"after"
+
+
 async def test_two_pools_never_share_a_sandbox_uid(pool: ExecPool, tmp_path: Path) -> None:
     d = version_dir(tmp_path, "echo", wf.echo())
     async with _pool(2) as other:

@@ -212,8 +212,6 @@ class _Worker:
             self._timer.cancel()
             self._timer = None
         err = _WorkerDied(f"worker {self.index} (pid {self.pid}) died")
-        with contextlib.suppress(ValueError):
-            self.pool._idle.remove(self)
         if not self.ready.done():
             self.ready.set_exception(err)
             self.ready.exception()
@@ -223,8 +221,7 @@ class _Worker:
                 # Only the head ran; the calls behind it never reached the guest.
                 call.fut.set_exception((head_error or err) if i == 0 else _NotStarted())
                 call.fut.exception()  # retrieved: the caller may be gone already
-        for call in calls:
-            self.pool._call_done(call)
+        self.pool._on_dead(self, calls)
 
     def kill(self, head_error: BaseException | None = None) -> None:
         """SIGKILL the worker's whole process group (it is a session leader)."""
@@ -375,9 +372,14 @@ class ExecPool:
         self._idle.append(worker)
         self._pump()
 
-    def _on_exit(self, worker: _Worker) -> None:
+    def _on_dead(self, worker: _Worker, calls: list[_Call]) -> None:
+        """A worker is gone (killed or exited): it takes no more calls; free its calls' places."""
         with contextlib.suppress(ValueError):
             self._idle.remove(worker)
+        for call in calls:
+            self._call_done(call)
+
+    def _on_exit(self, worker: _Worker) -> None:
         if self._closed or self._workers[worker.index] is not worker:
             return
         self._track(self._replace(worker))
@@ -425,7 +427,8 @@ class ExecPool:
         return self._recent_s.get(key, PIPELINE_MAX_S) < PIPELINE_MAX_S
 
     def _pipeline_target(self, key: str, warm_hint: str | None) -> _Worker | None:
-        """A busy worker that may take ``key`` queued behind its one short running call."""
+        """The busy worker to queue a call of ``key`` in behind the short calls it holds: the
+        one holding fewest, then one with the module warm; None if none may take it."""
         if not self._short(key):
             return None
         best: _Worker | None = None

@@ -374,7 +374,11 @@ class Worker:
         self._pending = run
         memory, exit_code, failure = run.memory, run.exit_code, run.failure
         output, out_size = _read_fd(self.out_fd, cap)
-        stderr, _ = _read_fd(self.err_fd, min(cap, STDERR_MAX))
+        stderr, err_size = _read_fd(self.err_fd, min(cap, STDERR_MAX))
+        if out_size > cap or err_size > cap:
+            # The next call truncates them only once its guest starts: until then the ticker
+            # would see this call's flood and stop that call for it.
+            self._reset_outputs()
         truncated = out_size > cap or self.flooded
         instantiated = run.instantiated
         near_limit = mem_limit - memory < max(1 << 20, mem_limit // 16)

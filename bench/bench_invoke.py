@@ -72,7 +72,7 @@ def build_modules(smoke: bool) -> dict[str, bytes]:
 
         wasm = wasm_fixtures.echo()
         return {"c": wasm, "go": wasm}
-    from fnserver.build import Builder
+    from fnserver.builder import Builder
 
     root = cache_dir()
     out: dict[str, bytes] = {}

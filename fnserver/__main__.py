@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--token", default=None, help="shared secret clients must send in HELLO (default: none)")
     p.add_argument("--workers", type=int, default=None, help="invocation worker processes (default: one per CPU)")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help=f"invocations that may wait for a worker (default {d.max_queue})")
-    p.add_argument("--per-function", type=int, default=None, help="workers one function may use at once (default: half the pool, at least 1)")
+    p.add_argument("--per-function", type=int, default=None, help="workers one function may use at once (default: all workers but one, at least 1)")
     p.add_argument("--max-upload-mb", type=int, default=d.max_upload // (1024 * 1024), help="largest upload in MiB (default 64)")
     p.add_argument("--default-timeout-ms", type=int, default=d.default_timeout_ms, help=f"function time limit when none is set (default {d.default_timeout_ms})")
     p.add_argument("--max-timeout-ms", type=int, default=d.max_timeout_ms, help=f"largest time limit a function may ask for (default {d.max_timeout_ms})")

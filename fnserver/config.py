@@ -43,6 +43,15 @@ class ServerConfig:
     #: Build caches (Go build cache, zig cache, scratch dirs); None means ``<data-dir>/.cache``.
     build_cache_dir: Path | None = None
 
+    #: Precompiled modules (node-local, written only by the compile processes); None means
+    #: ``<cache-dir>/modules``.
+    compile_cache_dir: Path | None = None
+
+    @property
+    def modules_dir(self) -> Path:
+        """Where precompiled modules are cached, keyed by artifact digest and engine settings."""
+        return self.compile_cache_dir if self.compile_cache_dir is not None else self.cache_dir / "modules"
+
     @property
     def cache_dir(self) -> Path:
         """Where builds keep their caches: beside the functions unless configured."""

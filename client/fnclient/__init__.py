@@ -9,7 +9,11 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 
-from fnserver.protocol.errors import (
+from ._address import DEFAULT_PORT, parse_address
+from ._async import AsyncClient, ProgressCallback
+from ._results import InvokeResult
+from ._sync import Client
+from .protocol import (
     AlreadyExistsError,
     BuildError,
     ChecksumMismatchError,
@@ -27,15 +31,14 @@ from fnserver.protocol.errors import (
     error_from_wire,
 )
 
-from ._address import DEFAULT_PORT, parse_address
-from ._async import AsyncClient, ProgressCallback
-from ._results import InvokeResult
-from ._sync import Client
-
 try:
-    __version__ = _dist_version("fnserver")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0"
+    # Installed alone (``pip install ./client``) or as part of the server's distribution.
+    __version__ = _dist_version("fnclient")
+except PackageNotFoundError:
+    try:
+        __version__ = _dist_version("fnserver")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        __version__ = "0.0.0"
 
 __all__ = [
     "DEFAULT_PORT",

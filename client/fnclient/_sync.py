@@ -13,10 +13,9 @@ import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from fnserver.protocol.errors import UnavailableError
-
 from ._async import AsyncClient, ProgressCallback, Source
 from ._results import InvokeResult
+from .protocol import UnavailableError
 
 __all__ = ["Client"]
 
@@ -145,9 +144,17 @@ class Client:
         """See :meth:`AsyncClient.list`."""
         return self._run(self._async.list())
 
-    def get(self, name: str) -> dict[str, Any]:
+    def get(
+        self,
+        name: str,
+        version: int | str | None = None,
+        *,
+        log: bool = False,
+        limit: int | None = None,
+        cursor: int | None = None,
+    ) -> dict[str, Any]:
         """See :meth:`AsyncClient.get`."""
-        return self._run(self._async.get(name))
+        return self._run(self._async.get(name, version, log=log, limit=limit, cursor=cursor))
 
     def delete(self, name: str, version: int | None = None) -> dict[str, Any]:
         """See :meth:`AsyncClient.delete`."""

@@ -6,7 +6,7 @@ import platform
 import struct
 from typing import Final
 
-from fnserver.protocol.errors import InvalidArgumentError
+from fnserver.protocol import InvalidArgumentError
 
 __all__ = ["KINDS", "check_elf", "check_wasm", "detect_kind", "validate_kind"]
 

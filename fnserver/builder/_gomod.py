@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from fnserver.protocol.errors import BuildError, InvalidArgumentError
+from fnserver.protocol import BuildError, InvalidArgumentError
 
 __all__ = [
     "GoMod",

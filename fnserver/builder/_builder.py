@@ -10,12 +10,13 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from fnserver.protocol.errors import BuildError, FnError, InvalidArgumentError
+from fnserver.artifacts import ARTIFACT_FILES
+from fnserver.protocol import ArtifactKind, BuildError, FnError, InvalidArgumentError
 
 from ._archive import extract_zip
 from ._gomod import (
@@ -57,20 +58,21 @@ class BuildResult:
     """What a successful build produced."""
 
     kind: str
-    artifacts: tuple[str, ...]  # subset of ("wasm", "native"): out_dir/main.wasm, out_dir/main.bin
+    artifacts: tuple[ArtifactKind, ...]  # subset of ("wasm", "native")
     toolchain: str | None  # "go1.27.3", "zig 0.17.1"; None for prebuilt uploads
     build_ms: int
     log: str  # compiler output, paths relative to the upload; "" if none
+    #: Where each artifact was written: ``out_dir / ARTIFACT_FILES[kind]``.
+    files: Mapping[ArtifactKind, Path] = field(default_factory=dict)
 
 
 @dataclass
 class _Outcome:
-    artifacts: tuple[str, ...]
+    artifacts: tuple[ArtifactKind, ...]
     toolchain: str | None
     log: str
 
 
-_ARTIFACT_FILES: Final = {"wasm": "main.wasm", "native": "main.bin"}
 
 
 class Builder:
@@ -148,6 +150,7 @@ class Builder:
             toolchain=outcome.toolchain,
             build_ms=int((time.monotonic() - started) * 1000),
             log=_user_source_names(outcome.log, kind, filename),
+            files={a: Path(out_dir) / ARTIFACT_FILES[a] for a in outcome.artifacts},
         )
 
     # -- per kind -----------------------------------------------------------------------------
@@ -159,10 +162,10 @@ class Builder:
         out.mkdir()
         src.mkdir()
         if kind == "wasm":
-            await asyncio.to_thread(_copy_checked, upload, out / "main.wasm", check_wasm, 0o644)
+            await asyncio.to_thread(_copy_checked, upload, out / ARTIFACT_FILES["wasm"], check_wasm, 0o644)
             return _Outcome(("wasm",), None, "")
         if kind == "native":
-            await asyncio.to_thread(_copy_checked, upload, out / "main.bin", check_elf, 0o755)
+            await asyncio.to_thread(_copy_checked, upload, out / ARTIFACT_FILES["native"], check_elf, 0o755)
             return _Outcome(("native",), None, "")
         if kind == "go":
             return await self._build_go_file(upload, src, scratch, report)
@@ -230,7 +233,7 @@ class Builder:
 
         async def one(artifact: str) -> ProcResult:
             argv = [str(go.go), "build", "-trimpath", "-buildvcs=false",
-                    "-o", str(scratch / "out" / _ARTIFACT_FILES[artifact]), pkg]
+                    "-o", str(scratch / "out" / ARTIFACT_FILES[artifact]), pkg]
             return await run_tool(argv, cwd=root, env=targets[artifact],
                                   memory_bytes=self._memory_bytes)
 
@@ -240,7 +243,7 @@ class Builder:
             if res.returncode != 0:
                 raise self._go_failure(name, clean[name], single_file)
         for name in targets:
-            if not (scratch / "out" / _ARTIFACT_FILES[name]).is_file():
+            if not (scratch / "out" / ARTIFACT_FILES[name]).is_file():
                 raise BuildError(f"go build produced no {name} binary (no main package?)",
                                  {"log": clean[name]})
         logs = list(dict.fromkeys(text for text in clean.values() if text.strip()))
@@ -274,7 +277,7 @@ class Builder:
             report(f"building wasm (zig {zig.version})")
         argv = [str(zig.zig), "cc", "-target", "wasm32-wasi", "-O2", "-s",
                 f"-Wl,-z,stack-size={WASM_STACK_BYTES}",
-                "-o", str(scratch / "out" / "main.wasm"), "main.c"]
+                "-o", str(scratch / "out" / ARTIFACT_FILES["wasm"]), "main.c"]
         outcome = await self._zig_run(zig, argv, src, scratch, "zig cc failed (wasm)")
         self._libc_warm = True
         return outcome
@@ -286,7 +289,7 @@ class Builder:
         report(f"building wasm (zig {zig.version})")
         argv = [str(zig.zig), "build-exe", "-target", "wasm32-wasi", "-O", "ReleaseSafe",
                 "-fstrip", "--stack", str(WASM_STACK_BYTES),
-                f"-femit-bin={scratch / 'out' / 'main.wasm'}", "main.zig"]
+                f"-femit-bin={scratch / 'out' / ARTIFACT_FILES['wasm']}", "main.zig"]
         return await self._zig_run(zig, argv, src, scratch, "zig build-exe failed (wasm)")
 
     async def _zig_run(self, zig: ZigToolchain, argv: list[str], src: Path, scratch: Path,
@@ -305,7 +308,7 @@ class Builder:
         text = self._sanitize(res.output, src, scratch)
         if res.returncode != 0:
             raise BuildError(failure, {"log": text})
-        if not (scratch / "out" / "main.wasm").is_file():
+        if not (scratch / "out" / ARTIFACT_FILES["wasm"]).is_file():
             raise BuildError(f"{failure}: no output", {"log": text})
         return _Outcome(("wasm",), f"zig {zig.version}", text)
 
@@ -368,20 +371,20 @@ def _copy_checked(upload: Path, dest: Path, check: Callable[[bytes], None], mode
     os.chmod(dest, mode)
 
 
-def _install(out: Path, out_dir: Path, artifacts: tuple[str, ...]) -> None:
+def _install(out: Path, out_dir: Path, artifacts: tuple[ArtifactKind, ...]) -> None:
     """Move the artifacts into out_dir; all of them or (on failure) none of them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     done: list[Path] = []
     try:
         for artifact in artifacts:
-            name = _ARTIFACT_FILES[artifact]
+            name = ARTIFACT_FILES[artifact]
             tmp = out_dir / f".{name}.partial"
             shutil.copyfile(out / name, tmp)
             os.chmod(tmp, 0o755 if artifact == "native" else 0o644)
             os.replace(tmp, out_dir / name)
             done.append(out_dir / name)
     except BaseException:
-        for path in [*done, *(out_dir / f".{n}.partial" for n in _ARTIFACT_FILES.values())]:
+        for path in [*done, *(out_dir / f".{n}.partial" for n in ARTIFACT_FILES.values())]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         raise

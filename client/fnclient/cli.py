@@ -15,12 +15,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Final, TextIO
 
-from fnserver.protocol import PROTOCOL_VERSION, parse_version_ref
-from fnserver.protocol.errors import BuildError, FnError, InvalidArgumentError
-
 from . import __version__
 from ._async import AsyncClient
 from ._results import InvokeResult
+from .protocol import PROTOCOL_VERSION, BuildError, FnError, InvalidArgumentError, parse_version_ref
 
 __all__ = ["main", "parse_target"]
 
@@ -117,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("get", parents=[common], help="show a function and its versions")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("target", type=parse_target, metavar="NAME[@VERSION|@ALIAS]")
+    p.add_argument("--log", action="store_true", help="include each version's build log")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("delete", parents=[common], help="delete a version or a whole function")
@@ -316,18 +315,24 @@ async def _cmd_list(client: AsyncClient, ns: argparse.Namespace) -> int:
 
 
 async def _cmd_get(client: AsyncClient, ns: argparse.Namespace) -> int:
-    info = await client.get(ns.name)
+    name, ref = ns.target
+    info = await client.get(name, ref, log=ns.log)
     if ns.json:
         _print_json(info)
         return 0
     aliases = info.get("aliases") or {}
     alias_text = ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
-    print(
-        f"{info.get('name', ns.name)}: latest version {info.get('latest')}, aliases: {alias_text}"
-    )
+    print(f"{info.get('name', name)}: latest version {info.get('latest')}, aliases: {alias_text}")
     for meta in info.get("versions") or []:
         print(_describe_version(meta))
+        if ns.log:
+            log = str(meta.get("build_log") or "").rstrip()
+            print("    build log:" + ("\n" + _indent(log, "      ") if log else " (empty)"))
     return 0
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
 
 
 def _describe_version(meta: dict[str, Any]) -> str:

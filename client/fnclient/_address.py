@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from fnserver.protocol.errors import InvalidArgumentError
+from .protocol import InvalidArgumentError
 
 __all__ = ["DEFAULT_PORT", "parse_address"]
 

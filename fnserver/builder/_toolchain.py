@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fnserver.protocol.errors import BuildError
+from fnserver.protocol import BuildError
 
 from ._proc import run_tool
 

@@ -15,26 +15,35 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final
 
-from fnserver.protocol import (
+from ._address import parse_address
+from ._results import InvokeResult
+from .protocol import (
     CHUNK_SIZE,
     DEFAULT_MAX_FRAME,
+    DEFAULT_PAGE,
+    MAX_PAGE,
     PROTOCOL_VERSION,
+    AliasRequest,
+    DeleteRequest,
+    FnError,
     FrameDecoder,
+    GetRequest,
+    InternalError,
+    InvalidArgumentError,
+    InvokeRequest,
+    ListRequest,
+    PingRequest,
+    ProtocolError,
+    RegisterOptions,
+    RegisterRequest,
+    RequestRecord,
+    TooLargeError,
+    UnavailableError,
+    UploadChunk,
     encode_request,
     error_from_wire,
     parse_version_ref,
 )
-from fnserver.protocol.errors import (
-    FnError,
-    InternalError,
-    InvalidArgumentError,
-    ProtocolError,
-    TooLargeError,
-    UnavailableError,
-)
-
-from ._address import parse_address
-from ._results import InvokeResult
 
 __all__ = ["AsyncClient", "ProgressCallback", "Source"]
 
@@ -49,6 +58,8 @@ _READ_SIZE: Final = 256 * 1024
 _UPLOAD_OVERHEAD: Final = 128
 _WASM_MAGIC: Final = b"\0asm"
 _LOST: Final = "connection to server lost"
+#: A ``get`` of every version stops after this many pages (100 versions each).
+_MAX_PAGES: Final = 10_000
 #: Buffered request bytes past which a caller waits for the transport to drain.
 _WRITE_HIGH_WATER: Final = 1 << 20
 
@@ -287,11 +298,6 @@ class AsyncClient:
         finally:
             self._pending.pop(req_id, None)
 
-    async def _call(self, op: str, **fields: Any) -> dict[str, Any]:
-        """One request and its reply; fields that are None are left out."""
-        req_id, future = await self._start(op, _present(fields))
-        return await self._finish(req_id, future)
-
     async def _ensure_connected(self) -> None:
         if self._closed:
             raise UnavailableError("client is closed")
@@ -340,9 +346,14 @@ class AsyncClient:
 
     # -- operations (§5) -------------------------------------------------------------------
 
+    async def _request(self, req: RequestRecord, progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Send one typed request (the protocol's op table names it) and await its result."""
+        req_id, future = await self._start(req.op, req.to_wire(), progress)
+        return await self._finish(req_id, future)
+
     async def ping(self) -> None:
         """Round-trip a ``ping`` (§5.1)."""
-        await self._call("ping")
+        await self._request(PingRequest())
 
     async def register(
         self,
@@ -392,20 +403,21 @@ class AsyncClient:
                 f"upload of {size} bytes is over the server's maximum of {max_upload}",
                 {"max_upload": max_upload, "size": size},
             )
-        options = _present(
-            {
-                "timeout_ms": timeout_ms,
-                "memory_mb": memory_mb,
-                "fuel": fuel,
-                "alias": alias,
-                "kind": kind,
-                "description": description,
-            }
+        req = RegisterRequest(
+            name,
+            filename,
+            size,
+            sha256,
+            RegisterOptions(
+                timeout_ms=timeout_ms,
+                memory_mb=memory_mb,
+                fuel=fuel,
+                alias=alias,
+                kind=kind,
+                description=description or "",
+            ),
         )
-        fields = {"name": name, "filename": filename, "size": size, "sha256": sha256}
-        if options:
-            fields["options"] = options
-        req_id, future = await self._start("register", fields, progress)
+        req_id, future = await self._start(req.op, req.to_wire(), progress)
         chunk_size = self._chunk_size
         chunks = _file_chunks(path, size, chunk_size) if path else _byte_chunks(data, chunk_size)
         try:
@@ -413,7 +425,8 @@ class AsyncClient:
                 async for chunk in chunks:
                     if future.done():
                         break  # rejected early (§5.2): the remaining chunks would be discarded
-                    await self._write(encode_request("upload", req_id, data=chunk))
+                    chunk_frame = UploadChunk(chunk)
+                    await self._write(encode_request(chunk_frame.op, req_id, **chunk_frame.to_wire()))
         except UnavailableError:
             if future.done():
                 return await self._finish(req_id, future)  # the reader knows why
@@ -445,43 +458,65 @@ class AsyncClient:
         data = input.encode("utf-8") if isinstance(input, str) else bytes(input)
         if isinstance(args, str | bytes):
             raise InvalidArgumentError("args must be a sequence of strings, not one string")
-        result = await self._call(
-            "invoke",
-            name=name,
-            version=parse_version_ref(version),
-            input=data,
-            args=[str(a) for a in args] or None,
-            timeout_ms=timeout_ms,
-            mode=mode,
+        if mode is not None and mode not in ("wasm", "native"):
+            raise InvalidArgumentError(f"mode must be 'wasm' or 'native', got {mode!r}")
+        req = InvokeRequest(
+            name,
+            parse_version_ref(version),
+            data,
+            tuple(str(a) for a in args),
+            timeout_ms,
+            mode,  # type: ignore[arg-type]
         )
-        return InvokeResult.from_wire(result)
+        return InvokeResult.from_wire(await self._request(req))
 
     async def list(self) -> list[dict[str, Any]]:  # noqa: A003 - the operation's name (§5.4)
         """Every function, sorted by name (§5.4)."""
-        result = await self._call("list")
+        result = await self._request(ListRequest())
         functions = result.get("functions")
         return functions if isinstance(functions, list) else []
 
-    async def get(self, name: str) -> dict[str, Any]:
-        """One function with every version's metadata (§5.5)."""
-        return await self._call("get", name=name)
+    async def get(
+        self,
+        name: str,
+        version: int | str | None = None,
+        *,
+        log: bool = False,
+        limit: int | None = None,
+        cursor: int | None = None,
+    ) -> dict[str, Any]:
+        """One function with its versions' metadata (§5.5).
+
+        With neither ``limit`` nor ``cursor`` every version is fetched, page by page, so a
+        function with hundreds of versions never needs one oversized reply; ``version`` asks
+        for one version only. Build logs are left out unless ``log`` is true.
+        """
+        ref = parse_version_ref(version)
+        if ref is not None or limit is not None or cursor is not None:
+            return await self._request(
+                GetRequest(name, ref, limit or DEFAULT_PAGE, cursor, log)
+            )
+        result = await self._request(GetRequest(name, None, MAX_PAGE, None, log))
+        versions = list(result.get("versions") or [])
+        seen = 0
+        while isinstance(result.get("next_cursor"), int) and seen < _MAX_PAGES:
+            seen += 1
+            result = await self._request(GetRequest(name, None, MAX_PAGE, result["next_cursor"], log))
+            versions.extend(result.get("versions") or [])
+        result = dict(result)
+        result["versions"] = versions
+        result["next_cursor"] = None
+        return result
 
     async def delete(self, name: str, version: int | None = None) -> dict[str, Any]:
         """Delete one version, or every version when ``version`` is None (§5.6)."""
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise InvalidArgumentError(f"delete takes a version number, not {version!r}")
-        # version is sent even when None: nil is how §5.6 says "every version".
-        req_id, future = await self._start("delete", {"name": name, "version": version})
-        return await self._finish(req_id, future)
+        return await self._request(DeleteRequest(name, version))
 
     async def alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
         """Point ``alias`` at ``version`` of ``name`` (§5.7)."""
-        return await self._call("alias", name=name, alias=alias, version=version)
-
-
-def _present(fields: dict[str, Any]) -> dict[str, Any]:
-    """Optional fields left out when None, so the server applies its defaults."""
-    return {k: v for k, v in fields.items() if v is not None}
+        return await self._request(AliasRequest(name, alias, version))
 
 
 def _error_from_frame(frame: dict[str, Any]) -> FnError:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, NoReturn
 
-from fnserver.protocol.errors import InvalidArgumentError, TooLargeError
+from fnserver.protocol import InvalidArgumentError, TooLargeError
 
 __all__ = ["ArchiveLimits", "extract_zip"]
 

@@ -18,9 +18,18 @@ DEFAULT_MAX_FRAME: Final = 8 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 
 
-def encode_frame(body: dict[str, Any]) -> bytes:
-    """Encode one frame: 4-byte big-endian length, then the msgpack body."""
+def encode_frame(body: dict[str, Any], max_frame: int | None = None) -> bytes:
+    """Encode one frame: 4-byte big-endian length, then the msgpack body.
+
+    With ``max_frame``, a body over it raises :class:`TooLargeError` instead of producing a
+    frame the peer must refuse (§2: no side ever sends a frame over the negotiated maximum).
+    """
     payload = msgpack.packb(body, use_bin_type=True)
+    if max_frame is not None and len(payload) > max_frame:
+        raise TooLargeError(
+            f"reply of {len(payload)} bytes is over the frame limit of {max_frame} bytes",
+            {"max_frame": max_frame, "length": len(payload)},
+        )
     return _HEADER.pack(len(payload)) + payload
 
 

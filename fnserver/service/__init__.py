@@ -1,0 +1,25 @@
+"""The use cases: register, invoke, list/get/delete/alias, behind one facade for every front.
+
+Each takes a :class:`RequestContext` and a typed request record and returns a typed reply
+record; none knows a socket, a frame or an HTTP header. See docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+from ._context import DEFAULT_TENANT, Caller, RequestContext
+from ._functions import FunctionService
+from ._invoke import InvokeService
+from ._register import Progress, RegisterService, UploadSink
+from ._services import Services
+
+__all__ = [
+    "DEFAULT_TENANT",
+    "Caller",
+    "FunctionService",
+    "InvokeService",
+    "Progress",
+    "RegisterService",
+    "RequestContext",
+    "Services",
+    "UploadSink",
+]

@@ -1,0 +1,54 @@
+"""Who is asking, for which tenant, under which request id and deadline: the request context.
+
+Every use case takes one. Fronts (TCP today, HTTP later) build it from what they know about
+the connection; the services never see a socket, a frame or a header.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+__all__ = ["DEFAULT_TENANT", "Caller", "RequestContext"]
+
+#: Every function belongs to a tenant; until tenants exist (the tenants issue) there is one.
+DEFAULT_TENANT: Final = "default"
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated identity: ``token_id`` names the credential (never the secret)."""
+
+    token_id: str | None = None
+    tenant: str = DEFAULT_TENANT
+    role: str = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """One request as the services see it.
+
+    ``deadline`` is a :func:`time.monotonic` instant after which nobody waits for the answer
+    (None: the operation's own limits apply); ``peer`` is for logs only.
+    """
+
+    caller: Caller = field(default_factory=Caller)
+    request_id: str = ""
+    deadline: float | None = None
+    peer: str = ""
+
+    @classmethod
+    def new(cls, caller: Caller, *, peer: str = "", deadline: float | None = None, tag: str = "") -> RequestContext:
+        """A context with a server-unique request id (``tag`` is the front's own id, for logs)."""
+        rid = f"{next(_ids)}" if not tag else f"{next(_ids)}:{tag}"
+        return cls(caller=caller, request_id=rid, deadline=deadline, peer=peer)
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline, or None when there is none."""
+        if self.deadline is None:
+            return None
+        return self.deadline - time.monotonic()

@@ -1,0 +1,68 @@
+"""Use cases over the registry that build nothing and run nothing: list, get, delete, alias."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from ..protocol import (
+    AliasReply,
+    AliasRequest,
+    DeleteReply,
+    DeleteRequest,
+    GetReply,
+    GetRequest,
+    ListReply,
+    ListRequest,
+    NotFoundError,
+)
+from ..registry import Registry
+from ._context import RequestContext
+
+__all__ = ["FunctionService", "fresh"]
+
+T = TypeVar("T")
+
+
+async def fresh(registry: Registry, read: Callable[[], T]) -> T:
+    """Run an index read; on NOT_FOUND, catch up with the change feed once and read again.
+
+    The index is refreshed lazily: another serving process (or node) may have registered the
+    version a caller names a moment ago. A miss costs one refresh; a hit costs nothing.
+    """
+    try:
+        return read()
+    except NotFoundError:
+        await registry.refresh()
+        return read()
+
+
+class FunctionService:
+    """list, get, delete and alias (PROTOCOL.md §5.4-§5.7)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    async def list(self, ctx: RequestContext, req: ListRequest) -> ListReply:
+        """Every function of the caller's tenant, sorted by name."""
+        await self.registry.refresh()
+        return self.registry.list()
+
+    async def get(self, ctx: RequestContext, req: GetRequest) -> GetReply:
+        """One function and one page of its versions (build logs only when asked)."""
+        return await fresh(
+            self.registry,
+            lambda: self.registry.get(
+                req.name, version=req.version, limit=req.limit, cursor=req.cursor, log=req.log
+            ),
+        )
+
+    async def delete(self, ctx: RequestContext, req: DeleteRequest) -> DeleteReply:
+        """One version, or every version; aliases pointing at them go too."""
+        await self.registry.refresh()
+        return await self.registry.delete(req.name, req.version)
+
+    async def alias(self, ctx: RequestContext, req: AliasRequest) -> AliasReply:
+        """Create or move an alias."""
+        await self.registry.refresh()
+        return await self.registry.set_alias(req.name, req.alias, req.version)

@@ -1,0 +1,205 @@
+"""The register use case: stage the upload, build, precompile, commit (PROTOCOL.md §5.2).
+
+A front hands the service a :class:`RegisterRequest`; the service gives back an
+:class:`UploadSink` to feed the chunks into as they arrive, and :meth:`RegisterService.register`
+does the rest. The sink asks its producer to pause (``on_backlog(True)``) while more than
+``UPLOAD_HIGH_WATER`` bytes wait for the disk, so a fast client cannot fill the server's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import aiofiles
+
+from ..builder import KINDS, Builder
+from ..config import ServerConfig
+from ..exec import ExecPool
+from ..protocol import (
+    ChecksumMismatchError,
+    FnError,
+    FunctionLimits,
+    InvalidArgumentError,
+    ProgressEvent,
+    RegisterRequest,
+    TooLargeError,
+    UnavailableError,
+    VersionInfo,
+)
+from ..registry import NewVersion, Registry
+from ._context import RequestContext
+
+__all__ = ["Progress", "RegisterService", "UploadSink"]
+
+#: Upload bytes one register may have queued for the disk writer before its producer pauses.
+UPLOAD_HIGH_WATER: Final = 8 * 1024 * 1024
+UPLOAD_LOW_WATER: Final = 2 * 1024 * 1024
+#: A progress event at least every this many bytes received.
+PROGRESS_EVERY: Final = 4 * 1024 * 1024
+UPLOAD_FILE: Final = "upload"
+
+Progress = Callable[[ProgressEvent], None]
+
+
+class UploadSink:
+    """Where a front puts upload chunks; the register use case drains it to a staging file."""
+
+    def __init__(self, size: int, chunk_size: int, on_backlog: Callable[[bool], None]) -> None:
+        self.size = size
+        self.chunk_size = chunk_size
+        self.received = 0
+        self._queued = 0
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._failed: FnError | None = None
+        self._on_backlog = on_backlog
+
+    def feed(self, data: bytes) -> None:
+        """Take the next chunk; never blocks. A bad chunk fails the register, not the caller."""
+        if self._failed is not None:
+            return
+        if self.received + len(data) > self.size:
+            self.abort(
+                TooLargeError(f"upload sent more than the announced {self.size} bytes", {"size": self.size})
+            )
+            return
+        if len(data) > self.chunk_size:
+            self.abort(
+                InvalidArgumentError(f"upload chunk of {len(data)} bytes is over chunk_size {self.chunk_size}")
+            )
+            return
+        self.received += len(data)
+        self._queued += len(data)
+        self._queue.put_nowait(data)
+        if self._queued > UPLOAD_HIGH_WATER:
+            self._on_backlog(True)
+
+    def abort(self, err: FnError) -> None:
+        """Fail the register with ``err`` (a bad chunk, or the connection went away)."""
+        if self._failed is None:
+            self._failed = err
+        self._queue.put_nowait(b"")  # wake the writer so it reports the failure
+
+    async def write_to(self, path: Path, sha256: str, progress: Progress) -> None:
+        """Drain every announced byte into ``path`` and check the digest."""
+        digest = hashlib.sha256()
+        written = 0
+        last_event = 0
+        try:
+            async with aiofiles.open(path, "wb") as f:
+                while written < self.size:
+                    chunk = await self._queue.get()
+                    if self._failed is not None:
+                        raise self._failed
+                    await f.write(chunk)
+                    digest.update(chunk)
+                    written += len(chunk)
+                    self._queued -= len(chunk)
+                    if self._queued < UPLOAD_LOW_WATER:
+                        self._on_backlog(False)
+                    if written - last_event >= PROGRESS_EVERY or written == self.size:
+                        last_event = written
+                        progress(
+                            ProgressEvent(
+                                "upload", f"received {written} of {self.size} bytes", written, self.size
+                            )
+                        )
+        finally:
+            self._on_backlog(False)
+        if digest.hexdigest() != sha256:
+            raise ChecksumMismatchError(
+                f"upload sha256 is {digest.hexdigest()}, the register request announced {sha256}",
+                {"expected": sha256, "actual": digest.hexdigest()},
+            )
+
+
+class RegisterService:
+    """Stage, build, precompile and commit one new version."""
+
+    def __init__(self, registry: Registry, builder: Builder, pool: ExecPool, config: ServerConfig) -> None:
+        self.registry = registry
+        self.builder = builder
+        self.pool = pool
+        self.config = config
+
+    def open_upload(
+        self, ctx: RequestContext, req: RegisterRequest, on_backlog: Callable[[bool], None]
+    ) -> UploadSink:
+        """Check the request against this server's limits (no file is touched) and return the
+        sink its chunks go into. Raises FnError when the register is refused outright."""
+        c = self.config
+        if req.size > c.max_upload:
+            raise TooLargeError(
+                f"upload of {req.size} bytes is over the maximum of {c.max_upload} bytes",
+                {"size": req.size, "max_upload": c.max_upload},
+            )
+        o = req.options
+        if o.kind is not None and o.kind not in KINDS:
+            raise InvalidArgumentError(f"unknown kind {o.kind!r}; kinds are: {', '.join(KINDS)}")
+        for key, value, hi in (
+            ("timeout_ms", o.timeout_ms, c.max_timeout_ms),
+            ("memory_mb", o.memory_mb, c.max_memory_mb),
+        ):
+            if value is not None and value > hi:
+                raise InvalidArgumentError(f"'{key}' must be an integer from 1 to {hi}, got {value}")
+        return UploadSink(req.size, c.chunk_size, on_backlog)
+
+    async def register(
+        self, ctx: RequestContext, req: RegisterRequest, sink: UploadSink, progress: Progress
+    ) -> VersionInfo:
+        """Receive the upload from ``sink``, build it, precompile, commit; return the version.
+
+        A failure at any step leaves nothing behind: the staging directory goes in every case.
+        """
+        c = self.config
+        staging = await self.registry.new_staging()
+        try:
+            upload = staging / UPLOAD_FILE
+            await sink.write_to(upload, req.sha256, progress)
+            built = await self.builder.build(
+                upload,
+                req.filename,
+                staging / "out",
+                kind=req.options.kind,
+                progress=lambda msg: progress(ProgressEvent("build", msg)),
+            )
+            await asyncio.to_thread(upload.unlink)
+            wasm = built.files.get("wasm")
+            if wasm is not None:
+                progress(ProgressEvent("compile", "precompiling the WebAssembly module"))
+                digest = await asyncio.to_thread(_sha256_file, wasm)
+                await self.pool.precompile(wasm, digest)
+            o = req.options
+            meta = NewVersion(
+                filename=os.path.basename(req.filename),
+                size=req.size,
+                sha256=req.sha256,
+                kind=built.kind,
+                limits=FunctionLimits(
+                    timeout_ms=o.timeout_ms or c.default_timeout_ms,
+                    memory_mb=o.memory_mb or c.default_memory_mb,
+                    fuel=o.fuel,
+                ),
+                description=o.description,
+                toolchain=built.toolchain,
+                build_ms=built.build_ms,
+                build_log=built.log or None,
+            )
+            return await self.registry.commit(req.name, built.files, meta, alias=o.alias)
+        except asyncio.CancelledError:
+            sink.abort(UnavailableError("server is shutting down"))
+            raise
+        finally:
+            await self.registry.discard(staging)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -141,9 +141,9 @@ async def bench_pool(binary: Path, workdir: Path, calls: int, warmup: int) -> di
     shutil.copyfile(binary, vdir / "main.bin")
     os.chmod(vdir / "main.bin", 0o755)
     os.chmod(workdir, 0o755)  # the worker runs natives as an unprivileged uid when root
-    job = InvokeJob(function="echo", version=1, mode="native", version_dir=vdir, input=INPUT,
+    job = InvokeJob(function="echo", version=1, mode="native", artifact=vdir / "main.bin", digest="", input=INPUT,
                     args=(), limits=Limits())
-    pool = ExecPool(workers=1)
+    pool = ExecPool(workers=1, cache_dir=workdir / "modules")
     await pool.start()
     try:
         for _ in range(warmup):

@@ -1,6 +1,6 @@
-"""Every wasmtime engine setting in one place, so the precompiled-file key covers all of them.
+"""Every wasmtime engine setting in one place, so the compiled-module key covers all of them.
 
-Imports no wasmtime at module level: the server process only needs :func:`precompiled_name`.
+Imports no wasmtime at module level: the pool (server process) only needs :func:`engine_key`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     import wasmtime
 
-__all__ = ["EPOCH_TICK_S", "engine_settings", "make_engine", "precompiled_name"]
+__all__ = ["EPOCH_TICK_S", "engine_key", "engine_settings", "make_engine"]
 
 #: The ticker thread advances the epoch this often; deadlines are rounded up to it.
 EPOCH_TICK_S: Final = 0.010
@@ -25,7 +25,7 @@ MiB: Final = 1 << 20
 
 @cache
 def engine_settings(fuel: bool = False) -> dict[str, Any]:
-    """The engine configuration; any change here changes :func:`precompiled_name`.
+    """The engine configuration; any change here changes :func:`engine_key`.
 
     Two engines exist. The main one (``fuel=False``) runs every call that sets no fuel budget
     and is tuned for per-call cost. Measured on this 2-vCPU machine (bench/README.md), one
@@ -58,7 +58,7 @@ def engine_settings(fuel: bool = False) -> dict[str, Any]:
     The fuel engine (``fuel=True``) adds ``consume_fuel``, which instruments every loop and
     call (so it is never used for calls without a budget) and keeps the on-demand allocator
     with a 256 MiB reservation: a second 4 GiB pool would not fit under RLIMIT_AS. Each engine
-    has its own precompiled file.
+    has its own compiled file in the module cache.
     """
     settings: dict[str, Any] = {
         # Epoch interruption stops CPU loops (trap INTERRUPT) at a few ns per loop back-edge;
@@ -107,21 +107,21 @@ def engine_settings(fuel: bool = False) -> dict[str, Any]:
 
 
 @cache
-def precompiled_name(fuel: bool = False) -> str:
-    """File name of the precompiled module, e.g. ``main.0123456789abcdef.cwasm``.
+def engine_key(fuel: bool = False) -> str:
+    """16 hex digits naming one engine's settings, e.g. ``0123456789abcdef``.
 
-    The key hashes the wasmtime version and every engine setting: a serialized module only
-    loads into an engine of the same version and settings.
+    It hashes the wasmtime version and every engine setting: a serialized module only loads
+    into an engine of the same version and settings, so the module cache keys files by it.
     """
     material = json.dumps(
         {"wasmtime": importlib.metadata.version("wasmtime"), "engine": engine_settings(fuel)},
         sort_keys=True,
     )
-    return f"main.{hashlib.sha256(material.encode()).hexdigest()[:16]}.cwasm"
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
 def make_engine(fuel: bool = False) -> wasmtime.Engine:
-    """Build the engine from :func:`engine_settings` (worker side)."""
+    """Build the engine from :func:`engine_settings` (worker and compiler side)."""
     import wasmtime
     from wasmtime import _ffi
 

@@ -13,8 +13,11 @@ Order matters:
    ``prlimit`` right after spawn;
 4. when root: drop to a dedicated uid/gid (claimed by the pool, see :func:`claim_uids`) so RLIMIT_NPROC is enforced (root
    ignores it) and ``kill(-1, SIGKILL)`` reaches exactly this worker's leftovers. The worker
-   keeps CAP_DAC_OVERRIDE only, to write precompiled modules into root-owned version dirs;
-   ``no_new_privs`` plus a non-zero uid means a native child's execve clears every capability;
+   writes no file: compiled modules are written by the pool into the node's module cache. It
+   keeps CAP_DAC_READ_SEARCH only (read and search, never write), to open artifacts and cached
+   modules under a data directory the server may keep private (pytest's 0700 temp dirs, a
+   0700 data dir); ``no_new_privs`` plus a non-zero uid means a native child's execve clears
+   every capability, so native code never has it;
 5. parent-death signal, so a dead server leaves no worker behind (set after the uid change,
    which would clear it).
 """
@@ -48,11 +51,11 @@ _PR_SET_CHILD_SUBREAPER: Final = 36
 _PR_SET_NO_NEW_PRIVS: Final = 38
 _CLONE_NEWNET: Final = 0x40000000
 _CAP_VERSION_3: Final = 0x20080522
-_CAP_DAC_OVERRIDE: Final = 1
+_CAP_DAC_READ_SEARCH: Final = 2
 
 #: Worker hard limits, inherited by native children before prlimit narrows them.
 WORKER_NOFILE: Final = 256
-WORKER_FSIZE: Final = 1 << 30  # bounds the precompiled files the worker writes itself
+WORKER_FSIZE: Final = 1 << 30  # bounds the output memfds between calls
 WORKER_AS: Final = 8 << 30  # backstop for wasmtime itself; guests are bounded by the Store
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -189,9 +192,9 @@ def _drop_root(uid: int, info: SandboxInfo) -> None:
     info.uid = uid
     header = _CapHeader(_CAP_VERSION_3, 0)
     data = (_CapData * 2)()
-    data[0].effective = data[0].permitted = 1 << _CAP_DAC_OVERRIDE
+    data[0].effective = data[0].permitted = 1 << _CAP_DAC_READ_SEARCH
     if _libc.capset(ctypes.byref(header), data) != 0:
-        info.refused.append(f"capset(CAP_DAC_OVERRIDE): {_errno()} (precompiled writes may fail)")
+        info.refused.append(f"capset(CAP_DAC_READ_SEARCH): {_errno()} (artifact reads may fail)")
     _prctl(_PR_SET_KEEPCAPS, 0)
 
 

@@ -1,23 +1,25 @@
-"""Public value types of the exec pool: limits, jobs and results."""
+"""Public value types of the exec pool: limits and jobs (results are the protocol's record)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["InvokeJob", "InvokeResult", "Limits"]
+from ..protocol import ArtifactKind
+
+__all__ = ["InvokeJob", "Limits"]
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-invocation limits; the server clamps them to its maxima before they get here."""
+    """Per-invocation limits; the service clamps them to its maxima before they get here."""
 
     timeout_ms: int = 5000
     memory_mb: int = 128
     output_bytes: int = 6 * 1024 * 1024
     #: wasm only: an instruction budget (wasmtime fuel units, about one per wasm operator).
     #: A call with a budget runs on the worker's second engine, built with ``consume_fuel``
-    #: (its own precompiled file, compiled on the first such call); running out raises
+    #: (its own compiled file, compiled on the first such call); running out raises
     #: FunctionTimeoutError with ``details["fuel"]``. None: no budget, the fast engine.
     fuel: int | None = None
 
@@ -28,23 +30,12 @@ class InvokeJob:
 
     function: str  # argv[0], and the key for per-function concurrency
     version: int
-    mode: str  # "wasm" | "native"
-    version_dir: Path  # holds main.wasm, main.<key>.cwasm, main.bin
+    mode: ArtifactKind
+    #: The readable file to run: the version's main.wasm or main.bin.
+    artifact: Path
+    #: sha256 hex of the artifact's bytes as recorded at register (wasm: the module cache key;
+    #: empty for versions registered before digests were recorded: then it is computed).
+    digest: str
     input: bytes
     args: tuple[str, ...]
     limits: Limits
-
-
-@dataclass(frozen=True)
-class InvokeResult:
-    """What a finished call produced; guest failures are exceptions, not results."""
-
-    output: bytes
-    stderr: bytes
-    exit_code: int
-    truncated: bool
-    duration_us: int  # guest run time
-    queue_us: int  # time waiting for a worker
-    wall_us: int  # total, parent side
-    memory_peak: int  # bytes of linear memory at the end (wasm) / max RSS (native)
-    mode: str

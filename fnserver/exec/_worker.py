@@ -1,13 +1,17 @@
-"""Worker process: ``python -m fnserver.exec._worker <index> [<sandbox uid>]``.
+"""Worker process: ``python -m fnserver.exec._worker <index> <module cache> <scratch> [<uid>]``.
 
-Speaks length-prefixed msgpack (``fnserver.protocol`` frames) over its stdin/stdout pipes with
-the pool, one job at a time. Requests carry ``op`` = ``"invoke"`` or ``"precompile"``; replies
-carry ``ok`` plus either the result fields or an error ``code``/``message``/``details``. Before
-a cold compile it sends ``{"compiling": true}``, and ``{"compiling": false}`` once the module
-is ready, so the parent's deadline covers the guest and not the compile.
+Speaks the typed pipe messages of ``_wire.py`` (length-prefixed msgpack frames) over its
+stdin/stdout pipes with the pool, one call at a time: :class:`~._wire.RunRequest` in; a
+:class:`~._wire.Ready` once at start, then per call :class:`~._wire.RunOk`,
+:class:`~._wire.RunError` or :class:`~._wire.ModuleRejected` out. Before loading a module
+it has not seen it sends ``Loading(done=False)``, and ``Loading(done=True)`` once the
+module is ready, so the parent's deadline covers the guest and not the load.
 
-Everything hostile happens here, never in the server: parsing and compiling untrusted wasm,
-running guests, spawning native binaries. A crash costs one worker, which the pool replaces.
+Everything hostile happens here, never in the server: running guests, spawning native
+binaries. The worker compiles nothing and writes no file: it only deserializes compiled
+modules from the node's cache directory (read-only to it), after checking that the file's
+bytes hash to what the pool recorded (``_cachefile.open_verified``). A crash costs one
+worker, which the pool replaces.
 """
 
 from __future__ import annotations
@@ -26,24 +30,38 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import wasmtime
 
-from ..protocol import FrameDecoder, encode_frame
-from ..protocol.errors import (
+from ..protocol import (
     FnError,
+    FrameDecoder,
     FunctionTimeoutError,
     InternalError,
     InvalidArgumentError,
+    InvokeResult,
     MemoryLimitError,
     TrapError,
+    encode_frame,
 )
-from ._engine import EPOCH_TICK_S, make_engine, precompiled_name
+from ._cachefile import ModuleMismatch, open_verified
+from ._engine import EPOCH_TICK_S, engine_key, make_engine
 from ._guest import GuestRun, run_guest
 from ._sandbox import WORKER_FSIZE, SandboxInfo, kill_descendants, setup_worker
+from ._wire import (
+    PIPE_MAX_FRAME,
+    Loading,
+    ModuleRejected,
+    PipeError,
+    PipeMessage,
+    Ready,
+    RunError,
+    RunOk,
+    RunRequest,
+    decode,
+)
 
-PIPE_MAX_FRAME: Final = 1 << 30
 PIPE_READ_SIZE: Final = 64 * 1024
 #: Ready modules kept per worker; Go modules are ~5 MB mmapped, C ones ~15 KB.
 CACHE_MAX_MODULES: Final = 64
@@ -53,11 +71,14 @@ STDERR_MAX: Final = 64 * 1024
 #: Native processes a single call may run at once, on top of the worker's own threads.
 NATIVE_NPROC: Final = 32
 NATIVE_NOFILE: Final = 64
-WASI_MODULE: Final = "wasi_snapshot_preview1"
 #: Host stack for guests: wasm may use up to max_wasm_stack (8 MiB) on top of the host frames.
 GUEST_THREAD_STACK: Final = 32 * 1024 * 1024
 #: The epoch ticker stops after this long without a call (and is woken by the next one).
 PARK_AFTER_S: Final = 1.0
+
+
+class _Rejected(Exception):
+    """The compiled module named by the request is not the one the pool recorded."""
 
 
 @dataclass
@@ -68,14 +89,14 @@ class _Ready:
 
 
 class _Engine:
-    """One engine with its WASI linker and precompiled-file name."""
+    """One engine with its WASI linker and its key in the module cache."""
 
     def __init__(self, fuel: bool) -> None:
         self.fuel = fuel
         self.engine = make_engine(fuel)
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
-        self.cwasm = precompiled_name(fuel)
+        self.key = engine_key(fuel)
 
 
 def _memfd(name: str) -> int:
@@ -91,12 +112,16 @@ def _read_fd(fd: int, limit: int) -> tuple[bytes, int]:
 class Worker:
     """The job loop of one worker process."""
 
-    def __init__(self, rfd: int, wfd: int, info: SandboxInfo) -> None:
+    def __init__(
+        self, rfd: int, wfd: int, info: SandboxInfo, cache_dir: str, scratch: str
+    ) -> None:
         self.rfd, self.wfd, self.info = rfd, wfd, info
+        self.cache_dir = cache_dir
         self.main = _Engine(fuel=False)
         # Built on the first call with a fuel budget: most workers never need it.
         self._fuel_engine: _Engine | None = None
-        self.cache: OrderedDict[tuple[str, int, int, bool], _Ready] = OrderedDict()
+        # Keyed by the cache file name: artifact digest, engine key and compiled sha256.
+        self.cache: OrderedDict[str, _Ready] = OrderedDict()
         self.cache_bytes = 0
         self.out_fd = _memfd("stdout")
         self.err_fd = _memfd("stderr")
@@ -118,14 +143,16 @@ class Worker:
         self.flooded = False
         self._ticker = threading.Thread(target=self._tick, name="epoch-ticker", daemon=True)
         self._ticker.start()
-        self.scratch = tempfile.mkdtemp(prefix="fnserver-worker-")
+        self.scratch = scratch  # made (and removed) by the pool: a killed worker cleans nothing
         self._last_dir: str | None = None
+        self._worker_nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
         os.chdir(self.scratch)
 
     # -- pipe -------------------------------------------------------------------------------
 
-    def send(self, body: dict[str, Any]) -> None:
-        view = memoryview(encode_frame(body))
+    def send(self, msg: PipeMessage) -> None:
+        """Write one message to the pool (blocking: the pool always reads)."""
+        view = memoryview(encode_frame(msg.to_wire()))
         while view:
             n = os.write(self.wfd, view)
             view = view[n:]
@@ -134,13 +161,12 @@ class Worker:
         """Read requests until the parent closes the pipe."""
         decoder = FrameDecoder(PIPE_MAX_FRAME)
         self.send(
-            {
-                "ready": True,
-                "uid": self.info.uid,
-                "refused": self.info.refused,
-                "netns": self.info.netns,
-                "subreaper": self.info.subreaper,
-            }
+            Ready(
+                uid=self.info.uid,
+                subreaper=self.info.subreaper,
+                netns=self.info.netns,
+                refused=tuple(self.info.refused),
+            )
         )
         while True:
             # 64 KiB, not more: os.read allocates its whole size first, and from 128 KiB up
@@ -150,9 +176,8 @@ class Worker:
             if not chunk:
                 return
             decoder.feed(chunk)
-            while (req := decoder.next_frame()) is not None:
-                reply = self.handle(req)
-                self.send(reply)
+            while (body := decoder.next_frame()) is not None:
+                self.send(self.handle(body))
                 # Giving the Store back (memset of the pooled memory, closing the WASI files)
                 # costs 10-60 us: done here, while the parent handles the reply.
                 self._release_store()
@@ -163,89 +188,35 @@ class Worker:
             pending.close()
 
     def engine_for(self, fuel: bool) -> _Engine:
+        """The main engine, or the fuel-metering one (built on first use)."""
         if not fuel:
             return self.main
         if self._fuel_engine is None:
             self._fuel_engine = _Engine(fuel=True)
         return self._fuel_engine
 
-    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, body: object) -> RunOk | RunError | ModuleRejected:
+        """One request in, its reply out; never raises."""
         try:
-            if req["op"] == "invoke":
-                if req["mode"] == "native":
-                    result = self.run_native(req)
-                else:
-                    result = self.run_wasm(req)
-            elif req["op"] == "precompile":
-                self.precompile(req["dir"])
-                result = {}
-            else:
-                raise InternalError(f"unknown worker op {req['op']!r}")
+            req = decode(body)
+            if not isinstance(req, RunRequest):
+                raise InternalError(f"a worker takes run requests, not {type(req).__name__}")
+        except (FnError, PipeError) as exc:
+            return RunError.of(InternalError(f"worker: bad request: {exc}"))
+        try:
+            if req.mode == "native":
+                return RunOk(self.run_native(req))
+            return RunOk(self.run_wasm(req))
+        except _Rejected as exc:
+            return ModuleRejected(req.module, str(exc))
         except FnError as exc:
-            return {"ok": False, **exc.to_wire()}
+            return RunError.of(exc)
         except Exception as exc:  # a bug here must become an error reply, not a dead worker
-            return {"ok": False, "code": "INTERNAL", "message": f"worker: {exc!r}", "details": {}}
-        return {"ok": True, **result}
+            return RunError.of(InternalError(f"worker: {exc!r}"))
 
     # -- modules ----------------------------------------------------------------------------
 
-    def _compile(self, eng: _Engine, wasm: bytes) -> wasmtime.Module:
-        if wasm[:4] != b"\0asm":
-            # wasmtime would also accept WAT text here; only binary modules are functions.
-            raise InvalidArgumentError("not a WebAssembly module: missing the \\0asm magic")
-        try:
-            wasmtime.Module.validate(eng.engine, wasm)
-            module = wasmtime.Module(eng.engine, wasm)
-        except wasmtime.WasmtimeError as exc:
-            raise InvalidArgumentError(f"not a WebAssembly module: {exc}") from None
-        for imp in module.imports:
-            if imp.module != WASI_MODULE:
-                raise InvalidArgumentError(
-                    f"not a WASI command: imports {imp.module}.{imp.name}; only "
-                    f"{WASI_MODULE} is provided"
-                )
-        start = [e for e in module.exports if e.name == "_start"]
-        if not start or not isinstance(start[0].type, wasmtime.FuncType):
-            raise InvalidArgumentError("not a WASI command: no exported _start function")
-        return module
-
-    def _write_cwasm(self, eng: _Engine, version_dir: str, module: wasmtime.Module) -> None:
-        """Write the precompiled module atomically; drop files of other engine keys."""
-        final = os.path.join(version_dir, eng.cwasm)
-        fd, tmp = tempfile.mkstemp(prefix=".cwasm-", dir=version_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(module.serialize())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        current = {precompiled_name(False), precompiled_name(True)}
-        for name in os.listdir(version_dir):
-            if name.startswith("main.") and name.endswith(".cwasm") and name not in current:
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(version_dir, name))
-
-    def precompile(self, version_dir: str) -> None:
-        try:
-            with open(os.path.join(version_dir, "main.wasm"), "rb") as f:
-                wasm = f.read()
-        except OSError as exc:
-            raise InvalidArgumentError(f"cannot read main.wasm: {exc.strerror}") from None
-        eng = self.main
-        module = self._compile(eng, wasm)
-        try:
-            pre = eng.linker.instantiate_pre(module)
-        except wasmtime.WasmtimeError as exc:
-            raise InvalidArgumentError(f"not a WASI command: {exc}") from None
-        self._write_cwasm(eng, version_dir, module)
-        st = os.stat(os.path.join(version_dir, "main.wasm"))
-        key = (version_dir, st.st_ino, st.st_mtime_ns, False)
-        self._remember(key, _Ready(pre, module, len(wasm)))
-
-    def _remember(self, key: tuple[str, int, int, bool], ready: _Ready) -> None:
+    def _remember(self, key: str, ready: _Ready) -> None:
         old = self.cache.pop(key, None)
         if old is not None:
             self.cache_bytes -= old.size
@@ -257,41 +228,34 @@ class Worker:
             _, gone = self.cache.popitem(last=False)
             self.cache_bytes -= gone.size
 
-    def ready_module(self, version_dir: str, eng: _Engine) -> _Ready:
-        """The warm module of a version: LRU hit, else the precompiled file, else compile."""
-        wasm_path = os.path.join(version_dir, "main.wasm")
-        try:
-            st = os.stat(wasm_path)
-        except OSError as exc:
-            raise InternalError(f"cannot read main.wasm: {exc.strerror}") from None
-        key = (version_dir, st.st_ino, st.st_mtime_ns, eng.fuel)
-        ready = self.cache.get(key)
+    def ready_module(self, req: RunRequest, eng: _Engine) -> _Ready:
+        """The warm module of a request: LRU hit, else loaded from the module cache after
+        checking its bytes. Never compiles: a module the pool did not compile is refused."""
+        ready = self.cache.get(req.module)
         if ready is not None:
-            self.cache.move_to_end(key)
+            self.cache.move_to_end(req.module)
             return ready
-        cwasm = os.path.join(version_dir, eng.cwasm)
-        module: wasmtime.Module | None = None
+        self.send(Loading(done=False))
         try:
-            # mmap; same wasmtime version and engine settings only, which the name guarantees.
-            module = wasmtime.Module.deserialize_file(eng.engine, cwasm)
-            size = os.stat(cwasm).st_size
-        except (wasmtime.WasmtimeError, OSError):
-            module = None
-        if module is None:
-            self.send({"compiling": True})
-            with open(wasm_path, "rb") as f:
-                wasm = f.read()
-            module = self._compile(eng, wasm)
-            size = len(wasm)
-            with contextlib.suppress(OSError):  # a read-only dir only costs the next cold start
-                self._write_cwasm(eng, version_dir, module)
-            self.send({"compiling": False})
+            fd = open_verified(self.cache_dir, req.module, eng.key, req.module_sha256)
+        except ModuleMismatch as exc:
+            raise _Rejected(str(exc)) from None
+        try:
+            size = os.fstat(fd).st_size
+            # Through the checked fd: the inode hashed is the inode mapped, whatever happens
+            # to the name meanwhile. Same wasmtime version and settings: the name's engine key.
+            module = wasmtime.Module.deserialize_file(eng.engine, f"/proc/self/fd/{fd}")
+        except wasmtime.WasmtimeError as exc:
+            raise _Rejected(f"cannot load {req.module}: {exc}") from None
+        finally:
+            os.close(fd)
         try:
             pre = eng.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise InvalidArgumentError(f"not a WASI command: {exc}") from None
+        self.send(Loading(done=True))
         ready = _Ready(pre, module, size)
-        self._remember(key, ready)
+        self._remember(req.module, ready)
         return ready
 
     # -- wasm -------------------------------------------------------------------------------
@@ -336,14 +300,15 @@ class Worker:
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
 
-    def run_wasm(self, req: dict[str, Any]) -> dict[str, Any]:
-        fuel: int | None = req.get("fuel")
+    def run_wasm(self, req: RunRequest) -> InvokeResult:
+        """Run one wasm call in a fresh Store; guest faults raise the matching FnError."""
+        fuel = req.fuel
         eng = self.engine_for(fuel is not None)
-        ready = self.ready_module(req["dir"], eng)
-        cap: int = req["output_bytes"]
-        mem_limit = req["memory_mb"] * 1024 * 1024
-        timeout_ms: int = req["timeout_ms"]
-        name = req["function"]
+        ready = self.ready_module(req, eng)
+        cap = req.output_bytes
+        mem_limit = req.memory_mb * 1024 * 1024
+        timeout_ms = req.timeout_ms
+        name = req.function
         ticks = math.ceil(timeout_ms / 1000 / EPOCH_TICK_S) + 1
         self._release_store()  # normally done already, right after the previous reply
         self._cap, self._deadline_ticks, self.flooded = cap, ticks, False
@@ -359,8 +324,8 @@ class Worker:
             run = run_guest(
                 eng.engine,
                 ready.pre,
-                args=(name, *req["args"]),
-                stdin=req["input"],
+                args=(name, *req.args),
+                stdin=req.input,
                 stdout_path=self._out_path,
                 stderr_path=self._err_path,
                 memory_limit=mem_limit,
@@ -398,7 +363,7 @@ class Worker:
                         {"timeout_ms": timeout_ms, "stderr": stderr},
                     )
                 if near_limit:
-                    raise self._memory_error(name, req["memory_mb"], memory, stderr)
+                    raise self._memory_error(name, req.memory_mb, memory, stderr)
                 kind = code.name.lower() if code is not None else "unknown"
                 raise TrapError(
                     f"function {name!r} trapped: {kind}",
@@ -408,21 +373,22 @@ class Worker:
                 msg = str(failure)
                 if not instantiated and "memory" in msg and "limit" in msg:
                     # Instantiation refused: the declared minimum is over the Store limit.
-                    raise self._memory_error(name, req["memory_mb"], memory, stderr)
+                    raise self._memory_error(name, req.memory_mb, memory, stderr)
                 raise TrapError(
                     f"function {name!r} failed: {msg[:500]}",
                     {"trap": "error", "stderr": stderr, "message": msg[:2000]},
                 )
         elif exit_code != 0 and near_limit:
-            raise self._memory_error(name, req["memory_mb"], memory, stderr)
-        return {
-            "output": output,
-            "stderr": stderr,
-            "exit_code": exit_code,
-            "truncated": truncated,
-            "duration_us": duration_us,
-            "memory_peak": memory,
-        }
+            raise self._memory_error(name, req.memory_mb, memory, stderr)
+        return InvokeResult(
+            output=output,
+            stderr=stderr,
+            exit_code=exit_code,
+            truncated=truncated,
+            duration_us=duration_us,
+            memory_peak=memory,
+            mode="wasm",
+        )
 
     @staticmethod
     def _memory_error(name: str, memory_mb: int, memory: int, stderr: bytes) -> MemoryLimitError:
@@ -433,31 +399,37 @@ class Worker:
 
     # -- native -----------------------------------------------------------------------------
 
-    def run_native(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Run main.bin under rlimits in a new session; kill everything it left behind."""
-        name: str = req["function"]
-        path = os.path.join(req["dir"], "main.bin")
-        cap: int = req["output_bytes"]
-        timeout_ms: int = req["timeout_ms"]
+    def run_native(self, req: RunRequest) -> InvokeResult:
+        """Run the executable under rlimits in a new session; kill everything it left behind."""
+        name = req.function
+        path = req.module
+        cap = req.output_bytes
+        timeout_ms = req.timeout_ms
         cpu_s = max(1, math.ceil(timeout_ms / 1000))
         workdir = self._call_dir()
         in_fd = _memfd("stdin")
         try:
-            data: bytes = req["input"]
+            data = req.input
             view = memoryview(data)
             while view:
                 view = view[os.write(in_fd, view) :]
             os.lseek(in_fd, 0, os.SEEK_SET)
             self._reset_outputs()
             os.chdir(workdir)
-            # The child inherits soft FSIZE = cap + 1 from its first instruction; prlimit then
-            # lowers its hard limit so it cannot raise it back.
+            # The child inherits soft FSIZE = cap + 1 and soft NPROC = its per-call process
+            # budget from its first instruction; prlimit then lowers its hard limits so it
+            # cannot raise them back. Without this, a fork storm that ran before prlimit got
+            # the worker's own NPROC (72 here): seen as 67 storm processes, 12 calls in 300
+            # started with it (tests/test_exec.py::test_native_limits_hold_from_the_start).
+            nproc = self._native_nproc()
             resource.setrlimit(resource.RLIMIT_FSIZE, (cap + 1, WORKER_FSIZE))
+            if nproc is not None:
+                resource.setrlimit(resource.RLIMIT_NPROC, (nproc, self._worker_nproc))
             started = time.perf_counter_ns()
             try:
                 pid = os.posix_spawn(
                     path,
-                    [name, *req["args"]],
+                    [name, *req.args],
                     {},
                     file_actions=[
                         (os.POSIX_SPAWN_DUP2, in_fd, 0),
@@ -470,12 +442,14 @@ class Worker:
                 )
             except OSError as exc:
                 raise InvalidArgumentError(
-                    f"cannot execute main.bin: {exc.strerror}", {"errno": exc.errno}
+                    f"cannot execute the function's binary: {exc.strerror}", {"errno": exc.errno}
                 ) from None
             finally:
                 resource.setrlimit(resource.RLIMIT_FSIZE, (WORKER_FSIZE, WORKER_FSIZE))
+                if nproc is not None:
+                    resource.setrlimit(resource.RLIMIT_NPROC, (self._worker_nproc,) * 2)
                 os.chdir(self.scratch)
-            self._limit_child(pid, req, cpu_s, cap)
+            self._limit_child(pid, req, cpu_s, cap, nproc)
             timed_out = self._wait(pid, timeout_ms)
             _, status, usage = os.wait4(pid, 0)
             duration_us = (time.perf_counter_ns() - started) // 1000
@@ -494,16 +468,17 @@ class Worker:
             )
         # Shell convention for signal deaths (SIGXFSZ after flooding stdout: 153).
         exit_code = 128 + sig if sig else os.WEXITSTATUS(status)
-        return {
-            "output": output,
-            "stderr": stderr,
-            "exit_code": exit_code,
-            "truncated": out_size > cap or sig == signal.SIGXFSZ,
-            "duration_us": duration_us,
+        return InvokeResult(
+            output=output,
+            stderr=stderr,
+            exit_code=exit_code,
+            truncated=out_size > cap or sig == signal.SIGXFSZ,
+            duration_us=duration_us,
             # ru_maxrss: posix_spawn's vfork-style child starts on the worker's pages, so this
             # is an upper bound that includes the worker's RSS at spawn (~30 MiB).
-            "memory_peak": usage.ru_maxrss * 1024,
-        }
+            memory_peak=usage.ru_maxrss * 1024,
+            mode="native",
+        )
 
     def _call_dir(self) -> str:
         """An empty working directory for a native call.
@@ -531,7 +506,17 @@ class Worker:
         self._last_dir = tempfile.mkdtemp(prefix="call-", dir=self.scratch)
         return self._last_dir
 
-    def _limit_child(self, pid: int, req: dict[str, Any], cpu_s: int, cap: int) -> None:
+    def _native_nproc(self) -> int | None:
+        """The RLIMIT_NPROC of a native call: the worker's own tasks plus NATIVE_NPROC (it
+        counts every task of the uid). None when the worker has no dedicated uid (then the
+        limit would count every process of the server's uid, and root ignores it anyway)."""
+        if self.info.uid is None:
+            return None
+        return len(os.listdir("/proc/self/task")) + NATIVE_NPROC
+
+    def _limit_child(
+        self, pid: int, req: RunRequest, cpu_s: int, cap: int, nproc: int | None
+    ) -> None:
         """Per-call limits, applied microseconds after spawn (MEASURED.md: costs nothing)."""
         limits = [
             (resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)),
@@ -540,16 +525,14 @@ class Worker:
             # RLIMIT_AS, while RLIMIT_DATA counts what it really allocates. Measured with a
             # static Go hello: DATA 128 MiB alone runs, DATA 128 MiB + AS 1152 MiB dies at
             # start, AS >= 2 GiB runs; so address space gets a fixed 4 GiB backstop.
-            (resource.RLIMIT_DATA, (req["memory_mb"] << 20,) * 2),
-            (resource.RLIMIT_AS, (max(4096, req["memory_mb"] * 2) << 20,) * 2),
+            (resource.RLIMIT_DATA, (req.memory_mb << 20,) * 2),
+            (resource.RLIMIT_AS, (max(4096, req.memory_mb * 2) << 20,) * 2),
             (resource.RLIMIT_FSIZE, (cap + 1, cap + 1)),
             (resource.RLIMIT_NOFILE, (NATIVE_NOFILE, NATIVE_NOFILE)),
             (resource.RLIMIT_CORE, (0, 0)),
         ]
-        if self.info.uid is not None:
-            # NPROC counts every task of the uid, the worker's own threads included.
-            own = len(os.listdir("/proc/self/task"))
-            limits.append((resource.RLIMIT_NPROC, (own + NATIVE_NPROC,) * 2))
+        if nproc is not None:
+            limits.append((resource.RLIMIT_NPROC, (nproc, nproc)))
         for which, value in limits:
             with contextlib.suppress(OSError, ValueError):
                 resource.prlimit(pid, which, value)
@@ -579,7 +562,8 @@ class Worker:
 
 def main() -> None:
     """Entry point: harden the process, then serve the pipe on a big-stack thread."""
-    uid = int(sys.argv[2]) if len(sys.argv) > 2 else None
+    cache_dir, scratch = sys.argv[2], sys.argv[3]
+    uid = int(sys.argv[4]) if len(sys.argv) > 4 else None
     # Keep the pipes off fds 0/1 so nothing (a stray print, a native child) can touch them.
     rfd = os.dup(0)
     wfd = os.dup(1)
@@ -589,7 +573,10 @@ def main() -> None:
     os.close(null)
     sys.stdout = sys.stderr
     info = setup_worker(uid)
-    worker = Worker(rfd, wfd, info)
+    if info.uid is not None and os.access(cache_dir, os.W_OK):
+        # Reported, not fatal: the pool's stats (and a test) show it.
+        info.refused.append("the module cache is writable by the worker")
+    worker = Worker(rfd, wfd, info, cache_dir, scratch)
     # wasm runs on the calling host thread: give it room for the 8 MiB wasm stack.
     threading.stack_size(GUEST_THREAD_STACK)
     thread = threading.Thread(target=worker.serve, name="serve")

@@ -1,0 +1,271 @@
+"""Typed messages of the pool <-> worker pipe and the pool <- compiler pipe.
+
+Every message is a frozen record with ``to_wire()`` (the msgpack map) and ``from_wire()``;
+the framing is the client protocol's (``fnserver.protocol.encode_frame`` / ``FrameDecoder``).
+Each map carries its type in ``"t"``, so :func:`decode` is one dictionary lookup. Both ends
+are fnserver's own code, so a malformed message is a bug (or a worker gone wrong): it raises
+:class:`PipeError` and the pool kills the worker, never guesses.
+
+Pool -> worker: :class:`RunRequest`. Worker -> pool: :class:`Ready` once, then per request
+optionally :class:`Loading` notices and exactly one of :class:`RunOk`, :class:`RunError`,
+:class:`ModuleRejected`. Compiler -> pool: one :class:`Compiled` or :class:`RunError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Final, TypeAlias
+
+from ..protocol import ArtifactKind, FnError, InvokeResult, error_from_wire
+
+__all__ = [
+    "Compiled",
+    "Loading",
+    "ModuleRejected",
+    "PipeError",
+    "PipeMessage",
+    "Ready",
+    "RunError",
+    "RunOk",
+    "RunRequest",
+    "decode",
+]
+
+#: Frames on the pipes may carry a whole input or output (bounded by the server's limits).
+PIPE_MAX_FRAME: Final = 1 << 30
+
+
+class PipeError(Exception):
+    """A pipe message that does not match its record: a bug on the other end."""
+
+
+def _get(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = body.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise PipeError(f"pipe message {body.get('t')!r}: bad {key!r}: {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """One call for a worker. ``module`` is, for wasm, the file name of the compiled module
+    inside the worker's cache directory (never a path: the worker joins it with the directory
+    it was started with) and ``module_sha256`` what its bytes must hash to; for native,
+    ``module`` is the executable's path and ``module_sha256`` is empty."""
+
+    TAG: ClassVar[str] = "run"
+    function: str
+    mode: ArtifactKind
+    module: str
+    module_sha256: str
+    input: bytes
+    args: tuple[str, ...]
+    timeout_ms: int
+    memory_mb: int
+    output_bytes: int
+    fuel: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map of this record."""
+        return {
+            "t": self.TAG,
+            "function": self.function,
+            "mode": self.mode,
+            "module": self.module,
+            "module_sha256": self.module_sha256,
+            "input": self.input,
+            "args": list(self.args),
+            "timeout_ms": self.timeout_ms,
+            "memory_mb": self.memory_mb,
+            "output_bytes": self.output_bytes,
+            "fuel": self.fuel,
+        }
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any]) -> RunRequest:
+        """Rebuild from a decoded map; :class:`PipeError` if a field is wrong."""
+        mode = _get(body, "mode", str)
+        if mode not in ("wasm", "native"):
+            raise PipeError(f"pipe message 'run': bad mode {mode!r}")
+        args = _get(body, "args", list)
+        if not all(isinstance(a, str) for a in args):
+            raise PipeError("pipe message 'run': args must be strings")
+        fuel = body.get("fuel")
+        if fuel is not None and (not isinstance(fuel, int) or isinstance(fuel, bool)):
+            raise PipeError("pipe message 'run': bad 'fuel'")
+        return cls(
+            function=_get(body, "function", str),
+            mode=mode,
+            module=_get(body, "module", str),
+            module_sha256=_get(body, "module_sha256", str),
+            input=_get(body, "input", bytes),
+            args=tuple(args),
+            timeout_ms=_get(body, "timeout_ms", int),
+            memory_mb=_get(body, "memory_mb", int),
+            output_bytes=_get(body, "output_bytes", int),
+            fuel=fuel,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Sent once by a worker after hardening itself: what the sandbox managed to apply."""
+
+    TAG: ClassVar[str] = "ready"
+    uid: int | None
+    subreaper: bool
+    netns: bool
+    refused: tuple[str, ...] = field(default=())
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map of this record."""
+        return {
+            "t": self.TAG,
+            "uid": self.uid,
+            "subreaper": self.subreaper,
+            "netns": self.netns,
+            "refused": list(self.refused),
+        }
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any]) -> Ready:
+        """Rebuild from a decoded map; :class:`PipeError` if a field is wrong."""
+        uid = body.get("uid")
+        if uid is not None and not isinstance(uid, int):
+            raise PipeError("pipe message 'ready': bad 'uid'")
+        refused = _get(body, "refused", list)
+        return cls(
+            uid=uid,
+            subreaper=_get(body, "subreaper", bool),
+            netns=_get(body, "netns", bool),
+            refused=tuple(str(r) for r in refused),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """For stats: the same fields as a plain map."""
+        return {"uid": self.uid, "subreaper": self.subreaper, "netns": self.netns,
+                "refused": list(self.refused)}
+
+
+@dataclass(frozen=True, slots=True)
+class Loading:
+    """A worker is loading (``done=False``) or has loaded (``done=True``) a module from the
+    cache for the call it is about to run: the loading does not count as the guest's time."""
+
+    TAG: ClassVar[str] = "loading"
+    done: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map of this record."""
+        return {"t": self.TAG, "done": self.done}
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any]) -> Loading:
+        """Rebuild from a decoded map; :class:`PipeError` if a field is wrong."""
+        return cls(done=_get(body, "done", bool))
+
+
+@dataclass(frozen=True, slots=True)
+class RunOk:
+    """A finished call. The worker fills output, stderr, exit_code, truncated, duration_us,
+    memory_peak and mode; the pool adds version, queue_us and wall_us."""
+
+    TAG: ClassVar[str] = "ok"
+    result: InvokeResult
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map of this record."""
+        return {"t": self.TAG, "result": self.result.to_wire()}
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any]) -> RunOk:
+        """Rebuild from a decoded map; :class:`PipeError` if a field is wrong."""
+        return cls(InvokeResult.from_wire(_get(body, "result", dict)))
+
+
+@dataclass(frozen=True, slots=True)
+class RunError:
+    """A call (or a compile) that failed with a wire error: the guest's fault or a bad module."""
+
+    TAG: ClassVar[str] = "error"
+    code: str
+    message: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, exc: FnError) -> RunError:
+        """The record of a raised :class:`FnError`."""
+        return cls(exc.code, exc.message, dict(exc.details))
+
+    def error(self) -> FnError:
+        """The exception class the code names, rebuilt as the client would."""
+        return error_from_wire(self.code, self.message, dict(self.details))
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map of this record."""
+        return {"t": self.TAG, "code": self.code, "message": self.message,
+                "details": dict(self.details)}
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any]) -> RunError:
+        """Rebuild from a decoded map; :class:`PipeError` if a field is wrong."""
+        return cls(_get(body, "code", str), _get(body, "message", str),
+                   _get(body, "details", dict))
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleRejected:
+    """The worker refused the compiled module it was told to load (missing, or its bytes do
+    not hash to what the pool recorded): nothing ran; the pool recompiles and retries."""
+
+    TAG: ClassVar[str] = "rejected"
+    module: str
+    reason: str
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map of this record."""
+        return {"t": self.TAG, "module": self.module, "reason": self.reason}
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any]) -> ModuleRejected:
+        """Rebuild from a decoded map; :class:`PipeError` if a field is wrong."""
+        return cls(_get(body, "module", str), _get(body, "reason", str))
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """The compiler's answer: the serialized module (the pool hashes and stores it)."""
+
+    TAG: ClassVar[str] = "compiled"
+    cwasm: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map of this record."""
+        return {"t": self.TAG, "cwasm": self.cwasm}
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any]) -> Compiled:
+        """Rebuild from a decoded map; :class:`PipeError` if a field is wrong."""
+        return cls(_get(body, "cwasm", bytes))
+
+
+PipeMessage: TypeAlias = (
+    RunRequest | Ready | Loading | RunOk | RunError | ModuleRejected | Compiled
+)
+
+_BY_TAG: Final[dict[str, Any]] = {
+    cls.TAG: cls
+    for cls in (RunRequest, Ready, Loading, RunOk, RunError, ModuleRejected, Compiled)
+}
+
+
+def decode(body: object) -> PipeMessage:
+    """The record of one decoded frame; :class:`PipeError` for anything else."""
+    if not isinstance(body, Mapping):
+        raise PipeError(f"pipe frame is a {type(body).__name__}, not a map")
+    cls = _BY_TAG.get(body.get("t"))  # type: ignore[arg-type]
+    if cls is None:
+        raise PipeError(f"unknown pipe message type {body.get('t')!r}")
+    msg: PipeMessage = cls.from_wire(body)
+    return msg

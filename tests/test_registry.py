@@ -1,105 +1,167 @@
-"""The versioned function store, against a real temporary directory."""
+"""The versioned function store, against every backend (local layout and SQLite + digests).
+
+Layout-specific crash and repair tests live in test_registry_local.py; the SQLite backend's
+own in test_registry_sqlite.py.
+"""
 
 from __future__ import annotations
 
-import json
-import logging
+import asyncio
+import errno
+import hashlib
 import re
-import threading
-import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from fnserver.protocol.errors import InternalError, InvalidArgumentError, NotFoundError
-from fnserver.registry import Registry, VersionRecord
+from fnserver.protocol import (
+    FunctionLimits,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    VersionInfo,
+)
+from fnserver.registry import NewVersion, Registry
 
 CREATED_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+BACKENDS: dict[str, Callable[..., Registry]] = {"local": Registry.local, "sqlite": Registry.sqlite}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def make(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Registry]:
+    """A factory of registries over one shared store location, as separate processes would be."""
+    factory = BACKENDS[request.param]
+    return lambda **defaults: factory(tmp_path / "data", **defaults)
 
 
 @pytest.fixture
-def reg(tmp_path: Path) -> Registry:
-    r = Registry(tmp_path / "data")
-    r.open()
-    return r
+async def reg(make: Callable[..., Registry]) -> AsyncIterator[Registry]:
+    r = make()
+    await r.open()
+    yield r
+    await r.close()
 
 
-def upload(
+@pytest.fixture
+async def other(make: Callable[..., Registry]) -> AsyncIterator[Registry]:
+    """A second registry over the same store: another serving process."""
+    r = make()
+    await r.open()
+    yield r
+    await r.close()
+
+
+def new_version(**changes: object) -> NewVersion:
+    fields: dict[str, object] = {
+        "filename": "main.wasm",
+        "size": 4,
+        "sha256": "0" * 64,
+        "kind": "wasm",
+        "limits": FunctionLimits(timeout_ms=1000, memory_mb=64),
+    }
+    fields.update(changes)
+    return NewVersion(**fields)  # type: ignore[arg-type]
+
+
+async def upload(
     reg: Registry,
     name: str,
     body: bytes = b"\0asm",
     *,
     alias: str | None = None,
+    native: bytes | None = None,
+    wasm: bool = True,
     **meta: object,
-) -> dict[str, object]:
-    """Stage one artifact and commit it, as the server does after a build."""
-    staging = reg.new_staging()
-    (staging / "main.wasm").write_bytes(body)
-    return reg.commit(name, staging, {"kind": "wasm", **meta}, alias=alias)
+) -> VersionInfo:
+    """Stage artifacts and commit them, as the register use case does after a build."""
+    staging = await reg.new_staging()
+    try:
+        files = {}
+        if wasm:
+            (staging / "out.wasm").write_bytes(body)
+            files["wasm"] = staging / "out.wasm"
+        if native is not None:
+            (staging / "out.bin").write_bytes(native)
+            files["native"] = staging / "out.bin"
+        return await reg.commit(name, files, new_version(**meta), alias=alias)
+    finally:
+        await reg.discard(staging)
 
 
-def tree(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
-def reopen(reg: Registry) -> Registry:
-    fresh = Registry(reg.data_dir)
-    fresh.open()
+async def reopen(make: Callable[..., Registry], **defaults: int) -> Registry:
+    fresh = make(**defaults)
+    await fresh.open()
     return fresh
 
 
-# -- versions ------------------------------------------------------------------------------
+def read(reg: Registry, info: VersionInfo, kind: str = "wasm") -> bytes:
+    return reg.artifact_path(info, kind).read_bytes()  # type: ignore[arg-type]
 
 
-def test_versions_count_up_and_latest_follows(reg: Registry) -> None:
-    assert [upload(reg, "echo", bytes([i]))["version"] for i in range(3)] == [1, 2, 3]
-    rec = reg.resolve("echo")
-    assert isinstance(rec, VersionRecord)
-    assert (rec.name, rec.version) == ("echo", 3)
-    assert rec.path == reg.data_dir / "echo" / "3"
-    assert (rec.path / "main.wasm").read_bytes() == bytes([2])
+def snapshot(reg: Registry) -> object:
+    return (reg.list(), {f.name: reg.get(f.name, limit=100) for f in reg.list().functions})
+
+
+# -- versions ---------------------------------------------------------------------------------
+
+
+async def test_versions_count_up_and_latest_follows(reg: Registry) -> None:
+    assert [(await upload(reg, "echo", bytes([i]))).version for i in range(3)] == [1, 2, 3]
+    info = reg.resolve("echo")
+    assert isinstance(info, VersionInfo)
+    assert (info.name, info.version) == ("echo", 3)
+    assert read(reg, info) == bytes([2])
     assert reg.resolve("echo", "latest").version == 3
     assert reg.resolve("echo", 2).version == 2
     assert reg.resolve("echo", "1").version == 1
-    assert (reg.resolve("echo", 1).path / "main.wasm").read_bytes() == bytes([0])
+    assert read(reg, reg.resolve("echo", 1)) == bytes([0])
 
 
-def test_names_are_independent(reg: Registry) -> None:
-    upload(reg, "a")
-    upload(reg, "a")
-    assert upload(reg, "b")["version"] == 1
+async def test_names_are_independent(reg: Registry) -> None:
+    await upload(reg, "a")
+    await upload(reg, "a")
+    assert (await upload(reg, "b")).version == 1
 
 
-def test_version_never_reused_after_deleting_newest(reg: Registry) -> None:
+async def test_version_never_reused_after_deleting_newest(
+    reg: Registry, make: Callable[..., Registry]
+) -> None:
     for _ in range(3):
-        upload(reg, "f")
-    assert reg.delete("f", 3) == {"name": "f", "deleted": [3], "aliases_removed": []}
+        await upload(reg, "f")
+    reply = await reg.delete("f", 3)
+    assert reply.to_wire() == {"name": "f", "deleted": [3], "aliases_removed": []}
     assert reg.resolve("f").version == 2
-    assert upload(reg, "f")["version"] == 4
-    assert reopen(reg).resolve("f").version == 4
-    assert upload(reopen(reg), "f")["version"] == 5
+    assert (await upload(reg, "f")).version == 4
+    fresh = await reopen(make)
+    assert fresh.resolve("f").version == 4
+    assert (await upload(fresh, "f")).version == 5
+    await fresh.close()
 
 
-def test_version_never_reused_after_deleting_all(reg: Registry) -> None:
-    upload(reg, "f")
-    upload(reg, "f")
-    assert reg.delete("f")["deleted"] == [1, 2]
-    assert reg.list() == []
+async def test_version_never_reused_after_deleting_all(
+    reg: Registry, make: Callable[..., Registry]
+) -> None:
+    await upload(reg, "f")
+    await upload(reg, "f")
+    assert (await reg.delete("f")).deleted == (1, 2)
+    assert reg.list().functions == ()
     with pytest.raises(NotFoundError, match="no function named 'f'"):
         reg.resolve("f")
     with pytest.raises(NotFoundError):
         reg.get("f")
     # The tombstone survives a restart and keeps the counter.
-    fresh = reopen(reg)
-    assert fresh.list() == []
+    fresh = await reopen(make)
+    assert fresh.list().functions == ()
     with pytest.raises(NotFoundError):
         fresh.resolve("f")
-    assert upload(fresh, "f")["version"] == 3
+    assert (await upload(fresh, "f")).version == 3
+    await fresh.close()
 
 
-def test_resolve_not_found_messages(reg: Registry) -> None:
-    upload(reg, "x")
-    upload(reg, "x")
+async def test_resolve_not_found_messages(reg: Registry) -> None:
+    await upload(reg, "x")
+    await upload(reg, "x")
     with pytest.raises(NotFoundError, match=r"^no function named 'nope'$"):
         reg.resolve("nope")
     with pytest.raises(NotFoundError, match=r"^function 'x' has no version 7 \(versions: 1, 2\)$"):
@@ -108,363 +170,526 @@ def test_resolve_not_found_messages(reg: Registry) -> None:
         reg.resolve("x", "7")
     with pytest.raises(NotFoundError, match=r"^function 'x' has no alias 'prod'$"):
         reg.resolve("x", "prod")
+    with pytest.raises(InvalidArgumentError):
+        reg.resolve("x", 0)
+    with pytest.raises(InvalidArgumentError):
+        reg.resolve("x", True)
 
 
-def test_delete_not_found(reg: Registry) -> None:
+async def test_delete_not_found(reg: Registry) -> None:
+    with pytest.raises(NotFoundError, match="no function named 'ghost'"):
+        await reg.delete("ghost")
+    await upload(reg, "f")
+    with pytest.raises(NotFoundError, match=r"^function 'f' has no version 2 \(versions: 1\)$"):
+        await reg.delete("f", 2)
+    await reg.delete("f")
     with pytest.raises(NotFoundError):
-        reg.delete("ghost")
-    upload(reg, "f")
-    with pytest.raises(NotFoundError, match="has no version 2"):
-        reg.delete("f", 2)
-    reg.delete("f")
-    with pytest.raises(NotFoundError):
-        reg.delete("f")
+        await reg.delete("f")
+    with pytest.raises(InvalidArgumentError):
+        await reg.delete("f", 0)
 
 
-def test_delete_removes_directory_and_leaves_no_staging(reg: Registry) -> None:
-    upload(reg, "f")
-    upload(reg, "f")
-    reg.delete("f", 1)
-    assert not (reg.data_dir / "f" / "1").exists()
-    assert (reg.data_dir / "f" / "2" / "main.wasm").exists()
-    assert list((reg.data_dir / ".staging").iterdir()) == []
-    assert [v["version"] for v in reg.get("f")["versions"]] == [2]
+# -- artifacts --------------------------------------------------------------------------------
 
 
-# -- aliases -------------------------------------------------------------------------------
-
-
-def test_alias_set_move_and_resolve(reg: Registry) -> None:
-    upload(reg, "f")
-    upload(reg, "f")
-    assert reg.set_alias("f", "prod", 1) == {
-        "name": "f",
-        "alias": "prod",
-        "version": 1,
-        "previous": None,
+async def test_artifacts_modes_and_digests(reg: Registry) -> None:
+    wasm = await upload(reg, "w", b"wasm bytes")
+    both = await upload(reg, "b", b"wasm part", native=b"native part")
+    native = await upload(reg, "n", wasm=False, native=b"elf")
+    assert (wasm.artifacts, wasm.mode) == (("wasm",), "wasm")
+    assert (both.artifacts, both.mode) == (("wasm", "native"), "wasm")
+    assert (native.artifacts, native.mode) == (("native",), "native")
+    assert both.artifact_sha256 == {
+        "wasm": hashlib.sha256(b"wasm part").hexdigest(),
+        "native": hashlib.sha256(b"native part").hexdigest(),
     }
+    assert read(reg, both, "native") == b"native part"
+    assert read(reg, native, "native") == b"elf"
+    with pytest.raises(NotFoundError, match="has no wasm artifact"):
+        reg.artifact_path(native, "wasm")
+
+
+async def test_same_bytes_in_two_versions_survive_deleting_one(reg: Registry) -> None:
+    await upload(reg, "a", b"shared")
+    await upload(reg, "b", b"shared")
+    await reg.delete("a")
+    assert read(reg, reg.resolve("b")) == b"shared"
+    await upload(reg, "a", b"shared")
+    await reg.delete("b")
+    assert read(reg, reg.resolve("a")) == b"shared"
+
+
+async def test_commit_copies_the_artifacts(reg: Registry) -> None:
+    staging = await reg.new_staging()
+    (staging / "m.wasm").write_bytes(b"original")
+    info = await reg.commit("f", {"wasm": staging / "m.wasm"}, new_version())
+    # What the builder's directory holds afterwards is no longer the function's code.
+    (staging / "m.wasm").write_bytes(b"tampered")
+    await reg.discard(staging)
+    assert read(reg, info) == b"original"
+
+
+async def test_commit_rejects_bad_artifacts(reg: Registry, tmp_path: Path) -> None:
+    before = snapshot(reg)
+    with pytest.raises(InvalidArgumentError):
+        await reg.commit("f", {}, new_version())
+    with pytest.raises(InvalidArgumentError):
+        await reg.commit("f", {"jar": tmp_path}, new_version())  # type: ignore[dict-item]
+    with pytest.raises(InternalError, match="could not read the artifacts of 'f'") as info:
+        await reg.commit("f", {"wasm": tmp_path / "missing.wasm"}, new_version())
+    assert str(tmp_path) not in str(info.value)
+    assert snapshot(reg) == before
+
+
+async def test_storage_failure_is_internal_without_paths(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await upload(reg, "f")
+
+    async def full(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "/srv/secret/f/2")
+
+    monkeypatch.setattr(reg.metadata, "put_version", full)
+    with pytest.raises(InternalError) as info:
+        await upload(reg, "f", b"new bytes")
+    assert str(info.value) == "could not store a version of 'f': No space left on device"
+    monkeypatch.undo()
+    # Nothing of the failed commit shows, and its artifact was not kept.
+    assert reg.list().functions[0].versions == (1,)
+    after = await upload(reg, "f", b"newer")
+    assert after.version >= 2
+    assert read(reg, after) == b"newer"
+
+
+# -- aliases ----------------------------------------------------------------------------------
+
+
+async def test_alias_set_move_and_resolve(reg: Registry, make: Callable[..., Registry]) -> None:
+    await upload(reg, "f")
+    await upload(reg, "f")
+    reply = await reg.set_alias("f", "prod", 1)
+    assert reply.to_wire() == {"name": "f", "alias": "prod", "version": 1, "previous": None}
     assert reg.resolve("f", "prod").version == 1
-    assert reg.set_alias("f", "prod", 2)["previous"] == 1
+    assert reg.resolve("f", "prod").aliases == ("prod",)
+    assert reg.resolve("f", 2).aliases == ()
+    assert (await reg.set_alias("f", "prod", 2)).previous == 1
     assert reg.resolve("f", "prod").version == 2
-    assert reopen(reg).resolve("f", "prod").version == 2
+    assert reg.resolve("f", 1).aliases == ()
+    fresh = await reopen(make)
+    assert fresh.resolve("f", "prod").version == 2
+    await fresh.close()
 
 
-def test_alias_given_at_commit(reg: Registry) -> None:
-    upload(reg, "f")
-    meta = upload(reg, "f", alias="beta")
-    assert meta["aliases"] == ["beta"]
+async def test_alias_given_at_commit(reg: Registry) -> None:
+    await upload(reg, "f")
+    info = await upload(reg, "f", alias="beta")
+    assert info.aliases == ("beta",)
     assert reg.resolve("f", "beta").version == 2
-    assert json.loads((reg.data_dir / "f" / "function.json").read_text())["aliases"] == {"beta": 2}
+    assert reg.get("f").aliases == {"beta": 2}
 
 
 @pytest.mark.parametrize("alias", ["latest", "Prod", "1", "9abc", "", "a" * 64, "../x", ".x"])
-def test_alias_invalid_or_reserved(reg: Registry, alias: str) -> None:
-    upload(reg, "f")
+async def test_alias_invalid_or_reserved(reg: Registry, alias: str) -> None:
+    await upload(reg, "f")
+    before = snapshot(reg)
     with pytest.raises(InvalidArgumentError):
-        reg.set_alias("f", alias, 1)
-    before = tree(reg.data_dir)
-    staging = reg.new_staging()
+        await reg.set_alias("f", alias, 1)
     with pytest.raises(InvalidArgumentError):
-        reg.commit("f", staging, {}, alias=alias)
-    reg.discard(staging)
-    assert tree(reg.data_dir) == before
+        await upload(reg, "f", alias=alias)
+    assert snapshot(reg) == before
     assert reg.resolve("f").version == 1
 
 
-def test_alias_unknown_version_or_function(reg: Registry) -> None:
-    upload(reg, "f")
+async def test_alias_unknown_version_or_function(reg: Registry) -> None:
+    await upload(reg, "f")
     with pytest.raises(NotFoundError, match=r"has no version 5 \(versions: 1\)"):
-        reg.set_alias("f", "prod", 5)
+        await reg.set_alias("f", "prod", 5)
     with pytest.raises(NotFoundError, match="no function named 'g'"):
-        reg.set_alias("g", "prod", 1)
+        await reg.set_alias("g", "prod", 1)
     with pytest.raises(InvalidArgumentError):
-        reg.set_alias("f", "prod", 0)
-    assert reg.get("f")["aliases"] == {}
+        await reg.set_alias("f", "prod", 0)
+    assert reg.get("f").aliases == {}
 
 
-def test_delete_removes_dangling_aliases(reg: Registry) -> None:
+async def test_delete_removes_dangling_aliases(
+    reg: Registry, make: Callable[..., Registry]
+) -> None:
     for _ in range(3):
-        upload(reg, "f")
-    reg.set_alias("f", "prod", 1)
-    reg.set_alias("f", "old", 1)
-    reg.set_alias("f", "beta", 3)
-    result = reg.delete("f", 1)
-    assert result == {"name": "f", "deleted": [1], "aliases_removed": ["old", "prod"]}
-    assert reg.get("f")["aliases"] == {"beta": 3}
+        await upload(reg, "f")
+    await reg.set_alias("f", "prod", 1)
+    await reg.set_alias("f", "old", 1)
+    await reg.set_alias("f", "beta", 3)
+    reply = await reg.delete("f", 1)
+    assert reply.to_wire() == {"name": "f", "deleted": [1], "aliases_removed": ["old", "prod"]}
+    assert reg.get("f").aliases == {"beta": 3}
     with pytest.raises(NotFoundError):
         reg.resolve("f", "prod")
-    assert reopen(reg).get("f")["aliases"] == {"beta": 3}
-    assert reg.delete("f")["aliases_removed"] == ["beta"]
+    fresh = await reopen(make)
+    assert fresh.get("f").aliases == {"beta": 3}
+    await fresh.close()
+    assert (await reg.delete("f")).aliases_removed == ("beta",)
 
 
-# -- names ---------------------------------------------------------------------------------
+# -- names ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["../x", "A", "", "x" * 64, ".hidden", ".staging", "a/b", "-x"])
-def test_invalid_names_touch_nothing(reg: Registry, name: str) -> None:
-    upload(reg, "ok")
-    reg.set_alias("ok", "prod", 1)
-    staging = reg.new_staging()
-    (staging / "main.wasm").write_bytes(b"x")
-    before = tree(reg.data_dir)
+async def test_invalid_names_touch_nothing(reg: Registry, name: str) -> None:
+    await upload(reg, "ok")
+    await reg.set_alias("ok", "prod", 1)
+    before = snapshot(reg)
     with pytest.raises(InvalidArgumentError):
-        reg.commit(name, staging, {"kind": "wasm"})
+        await upload(reg, name)
     with pytest.raises(InvalidArgumentError):
-        reg.delete(name)
+        await reg.delete(name)
     with pytest.raises(InvalidArgumentError):
-        reg.set_alias(name, "prod", 1)
-    assert tree(reg.data_dir) == before
-    assert tree(reg.data_dir.parent) == sorted(["data", *(str(Path("data") / p) for p in before)])
+        await reg.set_alias(name, "prod", 1)
+    assert snapshot(reg) == before
 
 
-def test_longest_valid_name(reg: Registry) -> None:
-    assert upload(reg, "x" * 63)["version"] == 1
+async def test_longest_valid_name(reg: Registry) -> None:
+    assert (await upload(reg, "x" * 63)).version == 1
 
 
-def test_commit_refuses_foreign_directory(reg: Registry, tmp_path: Path) -> None:
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    with pytest.raises(InternalError):
-        reg.commit("f", elsewhere, {})
-    assert elsewhere.is_dir()
-    assert reg.list() == []
+# -- metadata, list, get ----------------------------------------------------------------------
 
 
-# -- metadata, list, get -------------------------------------------------------------------
+async def test_version_metadata(reg: Registry, make: Callable[..., Registry]) -> None:
+    info = await upload(
+        reg,
+        "f",
+        b"code",
+        description="says hi",
+        kind="go",
+        filename="main.go",
+        size=123,
+        sha256="ab" * 32,
+        limits=FunctionLimits(timeout_ms=250, memory_mb=32, fuel=10**6),
+        toolchain="go1.24",
+        build_ms=42,
+        build_log="compiling...\nok\n",
+    )
+    assert (info.name, info.version, info.kind, info.description) == ("f", 1, "go", "says hi")
+    assert (info.filename, info.size, info.sha256) == ("main.go", 123, "ab" * 32)
+    assert info.limits == FunctionLimits(timeout_ms=250, memory_mb=32, fuel=10**6)
+    assert (info.toolchain, info.build_ms, info.build_log) == ("go1.24", 42, "compiling...\nok\n")
+    assert info.artifact_sha256 == {"wasm": hashlib.sha256(b"code").hexdigest()}
+    assert CREATED_RE.match(info.created)
+    assert reg.resolve("f") == info
+    fresh = await reopen(make)
+    assert fresh.resolve("f") == info
+    await fresh.close()
 
 
-def test_meta_json_content(reg: Registry) -> None:
-    meta = upload(reg, "f", description="says hi", kind="go", limits={"memory": 64})
-    on_disk = json.loads((reg.data_dir / "f" / "1" / "meta.json").read_text())
-    assert on_disk["name"] == "f"
-    assert on_disk["version"] == 1
-    assert on_disk["kind"] == "go"
-    assert on_disk["description"] == "says hi"
-    assert on_disk["limits"] == {"memory": 64}
-    assert CREATED_RE.match(on_disk["created"])
-    assert "aliases" not in on_disk
-    assert meta == {**on_disk, "aliases": []}
-    assert dict(reg.resolve("f").meta) == on_disk
+async def test_get_leaves_logs_out_unless_asked(reg: Registry) -> None:
+    await upload(reg, "f", build_log="a long log")
+    assert "build_log" not in reg.get("f").to_wire()["versions"][0]
+    assert reg.get("f", log=True).to_wire()["versions"][0]["build_log"] == "a long log"
+    assert reg.get("f", version=1, log=True).to_wire()["versions"][0]["build_log"] == "a long log"
 
 
-def test_commit_meta_cannot_override_identity(reg: Registry) -> None:
-    staging = reg.new_staging()
-    meta = reg.commit("f", staging, {"name": "evil", "version": 99, "aliases": ["x"]})
-    assert (meta["name"], meta["version"], meta["aliases"]) == ("f", 1, [])
-
-
-def test_commit_rejects_unserialisable_meta(reg: Registry) -> None:
-    staging = reg.new_staging()
-    with pytest.raises(InvalidArgumentError):
-        reg.commit("f", staging, {"bad": object()})
-    assert staging.is_dir()
-    assert not (reg.data_dir / "f").exists()
-
-
-def test_list_and_get(reg: Registry) -> None:
-    upload(reg, "zeta", kind="c")
-    upload(reg, "alpha", kind="wasm")
-    upload(reg, "alpha", kind="go", description="v2")
-    reg.set_alias("alpha", "prod", 1)
-    assert reg.list() == [
-        {
-            "name": "alpha",
-            "latest": 2,
-            "versions": [1, 2],
-            "aliases": {"prod": 1},
-            "kind": "go",
-            "description": "v2",
-        },
-        {
-            "name": "zeta",
-            "latest": 1,
-            "versions": [1],
-            "aliases": {},
-            "kind": "c",
-            "description": "",
-        },
-    ]
+async def test_list_and_get(reg: Registry) -> None:
+    await upload(reg, "zeta", kind="c")
+    await upload(reg, "alpha", kind="wasm")
+    await upload(reg, "alpha", kind="go", description="v2")
+    await reg.set_alias("alpha", "prod", 1)
+    assert reg.list().to_wire() == {
+        "functions": [
+            {
+                "name": "alpha",
+                "latest": 2,
+                "versions": [1, 2],
+                "aliases": {"prod": 1},
+                "kind": "go",
+                "description": "v2",
+            },
+            {
+                "name": "zeta",
+                "latest": 1,
+                "versions": [1],
+                "aliases": {},
+                "kind": "c",
+                "description": "",
+            },
+        ]
+    }
     got = reg.get("alpha")
-    assert (got["name"], got["latest"], got["aliases"]) == ("alpha", 2, {"prod": 1})
-    assert [(v["version"], v["kind"], v["aliases"]) for v in got["versions"]] == [
-        (1, "wasm", ["prod"]),
-        (2, "go", []),
+    assert (got.name, got.latest, dict(got.aliases), got.next_cursor) == (
+        "alpha",
+        2,
+        {"prod": 1},
+        None,
+    )
+    assert [(v.version, v.kind, v.aliases) for v in got.versions] == [
+        (1, "wasm", ("prod",)),
+        (2, "go", ()),
     ]
-    # get() hands out copies: changing them does not change the store.
-    got["versions"][0]["kind"] = "tampered"
-    assert reg.get("alpha")["versions"][0]["kind"] == "wasm"
+    # The reply is a copy: changing its wire form changes nothing stored.
+    wire = got.to_wire()
+    wire["versions"][0]["kind"] = "tampered"
+    wire["aliases"]["x"] = 9
+    assert reg.get("alpha").versions[0].kind == "wasm"
+    assert reg.get("alpha").aliases == {"prod": 1}
 
 
-# -- staging -------------------------------------------------------------------------------
+async def test_get_one_version(reg: Registry) -> None:
+    for _ in range(3):
+        await upload(reg, "f")
+    await reg.set_alias("f", "prod", 2)
+    assert [v.version for v in reg.get("f", version=2).versions] == [2]
+    assert [v.version for v in reg.get("f", version="prod").versions] == [2]
+    assert [v.version for v in reg.get("f", version="latest").versions] == [3]
+    assert reg.get("f", version=2).next_cursor is None
+    with pytest.raises(NotFoundError, match=r"has no version 9 \(versions: 1, 2, 3\)"):
+        reg.get("f", version=9)
+    with pytest.raises(NotFoundError, match="has no alias 'beta'"):
+        reg.get("f", version="beta")
 
 
-def test_staging_dirs_are_unique_and_discard_never_raises(reg: Registry) -> None:
-    a, b = reg.new_staging(), reg.new_staging()
+async def test_get_pages_300_versions(reg: Registry) -> None:
+    for i in range(300):
+        await upload(reg, "big", str(i).encode(), build_log="x" * 1000)
+    await reg.delete("big", 150)
+    seen: list[int] = []
+    cursor: int | None = None
+    pages = 0
+    while True:
+        page = reg.get("big", limit=100, cursor=cursor)
+        assert len(page.versions) <= 100
+        assert all("build_log" not in v for v in page.to_wire()["versions"])
+        seen += [v.version for v in page.versions]
+        pages += 1
+        if page.next_cursor is None:
+            break
+        assert page.next_cursor == page.versions[-1].version
+        cursor = page.next_cursor
+    assert seen == [v for v in range(1, 301) if v != 150]
+    assert pages == 3
+    assert [v.version for v in reg.get("big").versions] == list(range(1, 51))
+    assert reg.get("big").next_cursor == 50
+    assert [v.version for v in reg.get("big", cursor=148, limit=3).versions] == [149, 151, 152]
+    last = reg.get("big", cursor=299)
+    assert ([v.version for v in last.versions], last.next_cursor) == ([300], None)
+    assert reg.get("big", cursor=300).versions == ()
+
+
+@pytest.mark.parametrize(("limit", "cursor"), [(0, None), (101, None), (True, None), (10, -1)])
+async def test_get_rejects_bad_paging(reg: Registry, limit: int, cursor: int | None) -> None:
+    await upload(reg, "f")
+    with pytest.raises(InvalidArgumentError):
+        reg.get("f", limit=limit, cursor=cursor)
+
+
+# -- staging ----------------------------------------------------------------------------------
+
+
+async def test_staging_dirs_are_unique_and_discard_never_raises(
+    reg: Registry, tmp_path: Path
+) -> None:
+    a, b = await reg.new_staging(), await reg.new_staging()
     assert a != b
-    assert a.parent == b.parent == reg.data_dir / ".staging"
+    assert a.parent == b.parent
     assert list(a.iterdir()) == []
+    assert a.stat().st_mode & 0o777 == 0o755
     (a / "file").write_bytes(b"x")
-    reg.discard(a)
+    await reg.discard(a)
     assert not a.exists()
-    reg.discard(a)  # twice: still no error
-    reg.discard(reg.data_dir / "never-existed")
+    await reg.discard(a)  # twice: still no error
+    await reg.discard(tmp_path / "never-existed")
 
 
-# -- restart and recovery ------------------------------------------------------------------
-
-
-def test_restart_keeps_everything(reg: Registry) -> None:
-    upload(reg, "f", b"one")
-    upload(reg, "f", b"two", description="second")
-    upload(reg, "g")
-    reg.set_alias("f", "prod", 1)
-    fresh = reopen(reg)
-    assert fresh.list() == reg.list()
-    assert fresh.get("f") == reg.get("f")
-    assert (fresh.resolve("f", "prod").path / "main.wasm").read_bytes() == b"one"
-    assert upload(fresh, "f")["version"] == 3
-
-
-def test_open_removes_leftover_staging_and_temp_files(reg: Registry) -> None:
-    upload(reg, "f")
-    half = reg.new_staging()
+async def test_open_removes_leftover_staging(reg: Registry, make: Callable[..., Registry]) -> None:
+    await upload(reg, "f")
+    half = await reg.new_staging()
     (half / "main.wasm").write_bytes(b"partial upload")
-    tmp = reg.data_dir / "f" / "function.json.abc123.tmp"
-    tmp.write_text('{"next_ver')
-    fresh = reopen(reg)
-    assert list((fresh.data_dir / ".staging").iterdir()) == []
-    assert not tmp.exists()
+    fresh = await reopen(make)
+    assert not half.exists()
     assert fresh.resolve("f").version == 1
+    await fresh.close()
 
 
-def test_open_ignores_version_without_meta(reg: Registry, caplog: pytest.LogCaptureFixture) -> None:
-    upload(reg, "f")
-    upload(reg, "f")
-    # A crash left version 3's directory without its meta.json.
-    crashed = reg.data_dir / "f" / "3"
-    crashed.mkdir()
-    (crashed / "main.wasm").write_bytes(b"junk")
-    with caplog.at_level(logging.WARNING, logger="fnserver.registry"):
-        fresh = reopen(reg)
-    assert any("meta.json" in r.getMessage() for r in caplog.records)
-    assert fresh.resolve("f").version == 2
-    assert fresh.list()[0]["versions"] == [1, 2]
-    with pytest.raises(NotFoundError):
-        fresh.resolve("f", 3)
-    # Its number is burnt anyway: the next upload does not land on the broken directory.
-    assert upload(fresh, "f")["version"] == 4
+# -- restart ----------------------------------------------------------------------------------
 
 
-def test_open_ignores_version_with_corrupt_meta(reg: Registry) -> None:
-    upload(reg, "f")
-    upload(reg, "f")
-    (reg.data_dir / "f" / "2" / "meta.json").write_text('{"name": "f", "vers')
-    fresh = reopen(reg)
-    assert fresh.resolve("f").version == 1
-    assert upload(fresh, "f")["version"] == 3
+async def test_restart_keeps_everything(reg: Registry, make: Callable[..., Registry]) -> None:
+    await upload(reg, "f", b"one")
+    await upload(reg, "f", b"two", description="second", build_log="log")
+    await upload(reg, "g", native=b"elf")
+    await reg.set_alias("f", "prod", 1)
+    fresh = await reopen(make)
+    assert snapshot(fresh) == snapshot(reg)
+    assert fresh.get("f", log=True) == reg.get("f", log=True)
+    assert read(fresh, fresh.resolve("f", "prod")) == b"one"
+    assert read(fresh, fresh.resolve("g"), "native") == b"elf"
+    assert (await upload(fresh, "f")).version == 3
+    await fresh.close()
 
 
-def test_open_rebuilds_truncated_function_json(reg: Registry) -> None:
-    upload(reg, "f")
-    upload(reg, "f")
-    upload(reg, "f")
-    reg.delete("f", 3)
-    fj = reg.data_dir / "f" / "function.json"
-    fj.write_text('{"next_version": 4, "ali')
-    fresh = reopen(reg)
-    assert fresh.resolve("f").version == 2
-    assert fresh.get("f")["aliases"] == {}
-    # Rebuilt from the directories that remain: max + 1.
-    assert json.loads(fj.read_text()) == {"next_version": 3, "aliases": {}}
-    assert upload(fresh, "f")["version"] == 3
+async def test_default_limits_come_from_the_constructor(make: Callable[..., Registry]) -> None:
+    reg = await reopen(make, default_timeout_ms=7000, default_memory_mb=99)
+    info = await upload(reg, "f", limits=FunctionLimits(timeout_ms=1, memory_mb=2))
+    # Stored limits win; defaults only fill what a record lacks (see test_registry_local.py).
+    assert info.limits == FunctionLimits(timeout_ms=1, memory_mb=2)
+    await reg.close()
 
 
-def test_open_rebuilds_missing_function_json(reg: Registry) -> None:
-    upload(reg, "f")
-    upload(reg, "f")
-    (reg.data_dir / "f" / "function.json").unlink()
-    fresh = reopen(reg)
-    assert fresh.list()[0]["versions"] == [1, 2]
-    assert upload(fresh, "f")["version"] == 3
+# -- concurrency ------------------------------------------------------------------------------
 
 
-def test_open_counts_past_a_version_committed_before_function_json(reg: Registry) -> None:
-    # Crash between the rename and the function.json update: the version is complete on disk.
-    upload(reg, "f")
-    upload(reg, "f")
-    fj = reg.data_dir / "f" / "function.json"
-    fj.write_text(json.dumps({"next_version": 2, "aliases": {"prod": 1, "gone": 9}}))
-    fresh = reopen(reg)
-    assert fresh.resolve("f").version == 2
-    assert fresh.get("f")["aliases"] == {"prod": 1}
-    assert upload(fresh, "f")["version"] == 3
-
-
-def test_open_creates_data_dir(tmp_path: Path) -> None:
-    data = tmp_path / "a" / "b"
-    reg = Registry(data)
-    reg.open()
-    assert reg.data_dir == data
-    assert data.is_dir()
-    assert reg.list() == []
-
-
-# -- concurrency ---------------------------------------------------------------------------
-
-
-def test_concurrent_commits_get_distinct_versions(reg: Registry) -> None:
+async def test_concurrent_commits_get_distinct_versions(
+    reg: Registry, make: Callable[..., Registry]
+) -> None:
     n = 16
-    barrier = threading.Barrier(n)
-    results: list[int] = []
-    errors: list[BaseException] = []
-
-    def worker(i: int) -> None:
-        try:
-            staging = reg.new_staging()
-            (staging / "main.wasm").write_bytes(str(i).encode())
-            barrier.wait()
-            results.append(reg.commit("f", staging, {"kind": "wasm", "i": i})["version"])
-        except BaseException as exc:  # collected and re-checked below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
-    assert sorted(results) == list(range(1, n + 1))
-    # Each version directory holds the artifact its own commit staged.
+    infos = await asyncio.gather(
+        *(upload(reg, "f", str(i).encode(), description=str(i)) for i in range(n))
+    )
+    assert sorted(i.version for i in infos) == list(range(1, n + 1))
+    # Each version holds the artifact its own commit staged.
     for v in range(1, n + 1):
-        rec = reg.resolve("f", v)
-        assert (rec.path / "main.wasm").read_bytes() == str(rec.meta["i"]).encode()
-    assert reopen(reg).list()[0]["versions"] == list(range(1, n + 1))
+        info = reg.resolve("f", v)
+        assert read(reg, info) == info.description.encode()
+    fresh = await reopen(make)
+    assert fresh.list().functions[0].versions == tuple(range(1, n + 1))
+    await fresh.close()
 
 
-def test_readers_see_consistent_index_during_writes(reg: Registry) -> None:
-    upload(reg, "f")
-    stop = threading.Event()
-    errors: list[BaseException] = []
+async def test_concurrent_commits_through_two_registries(reg: Registry, other: Registry) -> None:
+    infos = await asyncio.gather(
+        *(
+            upload(r, "f", f"{k}{i}".encode())
+            for i in range(6)
+            for k, r in (("a", reg), ("b", other))
+        )
+    )
+    assert sorted(i.version for i in infos) == list(range(1, 13))
+    await reg.refresh()
+    await other.refresh()
+    assert reg.list() == other.list()
+    assert reg.list().functions[0].versions == tuple(range(1, 13))
 
-    def writer() -> None:
+
+async def test_readers_see_consistent_index_during_writes(reg: Registry) -> None:
+    await upload(reg, "f")
+    done = asyncio.Event()
+
+    async def writer() -> None:
         try:
-            for i in range(30):
-                upload(reg, f"n{i}")
-                upload(reg, "f")
-                reg.delete("f", reg.resolve("f").version - 1)
-        except BaseException as exc:  # collected and re-checked below
-            errors.append(exc)
+            for i in range(20):
+                await upload(reg, f"n{i}")
+                await upload(reg, "f")
+                await reg.delete("f", reg.resolve("f").version - 1)
         finally:
-            stop.set()
+            done.set()
 
-    t = threading.Thread(target=writer)
-    t.start()
-    while not stop.is_set():
-        for item in reg.list():
-            assert item["latest"] == item["versions"][-1]
-        rec = reg.resolve("f")
-        assert rec.path.name == str(rec.version) == str(rec.meta["version"])
-        time.sleep(0)  # let the writer have the GIL now and then
-    t.join()
-    assert errors == []
-    assert len(reg.list()) == 31
+    task = asyncio.create_task(writer())
+    while not done.is_set():
+        for item in reg.list().functions:
+            assert item.latest == item.versions[-1]
+        info = reg.resolve("f")
+        assert read(reg, info) == b"\0asm"
+        await asyncio.sleep(0)  # a yield, not a wait: lets the writer's steps complete
+    await task
+    assert len(reg.list().functions) == 21
+
+
+# -- change feed ------------------------------------------------------------------------------
+
+
+async def test_change_feed_commit_alias_delete_seen_by_another_registry(
+    reg: Registry, other: Registry
+) -> None:
+    await upload(reg, "f", b"one")
+    # resolve() reads only the index: another writer's commit is not seen before a refresh...
+    with pytest.raises(NotFoundError):
+        other.resolve("f")
+    # ...and the service's "refresh and retry once" finds it.
+    await other.refresh()
+    assert read(other, other.resolve("f")) == b"one"
+
+    await reg.set_alias("f", "prod", 1)
+    await upload(reg, "f", b"two")
+    await other.refresh()
+    assert other.resolve("f", "prod").version == 1
+    assert other.resolve("f").version == 2
+    assert other.resolve("f", 1).aliases == ("prod",)
+
+    await other.set_alias("f", "prod", 2)
+    await other.delete("f", 1)
+    await reg.refresh()
+    assert reg.get("f").to_wire() == other.get("f").to_wire()
+    assert reg.resolve("f", "prod").version == 2
+    with pytest.raises(NotFoundError):
+        reg.resolve("f", 1)
+
+    await reg.delete("f")
+    await other.refresh()
+    assert other.list().functions == ()
+    with pytest.raises(NotFoundError, match="no function named 'f'"):
+        other.resolve("f")
+    assert (await upload(other, "f")).version == 3
+
+
+async def test_refresh_without_changes_keeps_the_index(reg: Registry, other: Registry) -> None:
+    await upload(reg, "f")
+    await other.refresh()
+    index = other._index
+    await other.refresh()
+    await other.refresh()
+    assert other._index is index
+
+
+async def test_refresh_reloads_only_changed_names(reg: Registry, other: Registry) -> None:
+    await upload(reg, "a")
+    await upload(reg, "b")
+    await other.refresh()
+    before = other._index
+    await upload(reg, "b")
+    await other.refresh()
+    assert other._index["a"] is before["a"]
+    assert other._index["b"] is not before["b"]
+    assert other.resolve("b").version == 2
+
+
+async def test_a_burst_of_refreshes_shares_looks_at_the_feed(
+    reg: Registry, other: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await upload(reg, "f")
+    looks = 0
+    real = other.metadata.changes
+
+    async def counted(since: int | None) -> tuple[int, frozenset[str] | None]:
+        nonlocal looks
+        looks += 1
+        return await real(since)
+
+    monkeypatch.setattr(other.metadata, "changes", counted)
+    await asyncio.gather(*(other.refresh() for _ in range(10)))
+    # The first, and one more for every caller that arrived while it ran.
+    assert looks == 2
+    assert other.resolve("f").version == 1
+    await other.refresh()
+    assert looks == 3
+
+
+async def test_stale_tells_without_io_that_another_writer_changed_something(
+    reg: Registry, other: Registry
+) -> None:
+    await upload(reg, "f")
+    await upload(reg, "f")
+    await reg.set_alias("f", "prod", 2)
+    assert not reg.stale()  # its own writes moved its cursor
+    assert other.stale()
+    await other.refresh()
+    assert not other.stale()
+    assert other.resolve("f", "prod").version == 2
+    # A stale *hit*: the other registry still resolves what was just deleted...
+    await reg.delete("f", 2)
+    assert other.resolve("f", 2).version == 2
+    # ...until the hot path's cheap check sends it to the feed.
+    assert other.stale()
+    await other.refresh()
+    with pytest.raises(NotFoundError):
+        other.resolve("f", 2)
+    with pytest.raises(NotFoundError):
+        other.resolve("f", "prod")
+    assert not other.stale()

@@ -111,8 +111,14 @@ class PipeChannel:
     async def connect(self, wpipe: Any, rpipe: Any) -> None:
         """Attach to the child's stdin (``wpipe``) and stdout (``rpipe``)."""
         loop = asyncio.get_running_loop()
-        self._write, _ = await loop.connect_write_pipe(asyncio.Protocol, wpipe)
-        self._read, _ = await loop.connect_read_pipe(lambda: _Reader(self), rpipe)
+        try:
+            self._write, _ = await loop.connect_write_pipe(asyncio.Protocol, wpipe)
+            self._read, _ = await loop.connect_read_pipe(lambda: _Reader(self), rpipe)
+        finally:
+            if self._closed:
+                # Closed (the worker died) while connecting: a transport made after that
+                # close would otherwise hold its pipe open until garbage collection.
+                self.close()
 
     @property
     def open(self) -> bool:
@@ -282,6 +288,12 @@ class WorkerHandle:
         self._proc.wait()
         self._mark_dead()
         self._channel.close()
+        # A transport closes the pipe it was given; a pipe no transport took (the worker died
+        # before connect finished) is closed here, not left to the garbage collector.
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            if pipe is not None and not pipe.closed:
+                with contextlib.suppress(OSError):
+                    pipe.close()
         if not self.exited.done():
             self.exited.set_result(self._proc.returncode)
         self._listener.worker_exited(self)

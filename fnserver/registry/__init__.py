@@ -1,11 +1,29 @@
 """The versioned function store: names, integer versions, aliases, staging and recovery.
 
-Each committed version is an immutable directory ``<data>/<name>/<version>/``; resolving a
-name to a version is an in-memory lookup. See :class:`Registry`.
+:class:`Registry` keeps an in-memory index for the invoke path over two narrow storage
+interfaces, :class:`MetadataStore` (version allocation, records, aliases, a change feed) and
+:class:`ArtifactStore` (bytes by sha256 digest). :class:`LocalStore` fills both with the
+seed's layout ``<data>/<name>/<version>/``; :class:`SqliteMetadataStore` with
+:class:`DigestArtifactStore` is the second backend that proves the seam.
 """
 
 from __future__ import annotations
 
-from ._registry import Registry, VersionRecord
+from ._interfaces import ArtifactStore, Deleted, FunctionRecord, MetadataStore
+from ._local import LocalStore
+from ._meta import SCHEMA, NewVersion
+from ._registry import Registry
+from ._sqlite import DigestArtifactStore, SqliteMetadataStore
 
-__all__ = ["Registry", "VersionRecord"]
+__all__ = [
+    "SCHEMA",
+    "ArtifactStore",
+    "Deleted",
+    "DigestArtifactStore",
+    "FunctionRecord",
+    "LocalStore",
+    "MetadataStore",
+    "NewVersion",
+    "Registry",
+    "SqliteMetadataStore",
+]

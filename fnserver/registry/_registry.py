@@ -1,351 +1,472 @@
-"""The versioned function store: an in-memory index over :class:`LocalStore`.
+"""The registry facade: an in-memory index of versions and aliases over the two stores.
 
-Mutations (commit, delete, set_alias) run in worker threads under one lock; reads (resolve,
-list, get) run on the event-loop thread without it. Readers never see a half-updated state
-because writers publish copy-on-write: a new immutable ``_Entry`` per changed name inside a new
-index dict, swapped in with one attribute assignment.
+Reads (:meth:`Registry.resolve`, :meth:`~Registry.get`, :meth:`~Registry.list`,
+:meth:`~Registry.artifact_path`) are synchronous, lock-free lookups in the index: they sit on
+the invoke path. Writes go to the stores (which do their I/O in threads) and then reload the
+one name they touched. :meth:`~Registry.refresh` applies the metadata store's change feed, so
+what another writer did (another serving process, later another node) shows up too.
+
+The index is copy-on-write: a new immutable ``_Entry`` per changed name inside a new mapping,
+swapped in with one attribute assignment, so a reader never sees half an update. Reloads and
+their publication are serialised by one asyncio lock, so an older read never replaces a newer
+one.
 """
 
 from __future__ import annotations
 
-import copy
-import json
+import asyncio
+import bisect
+import contextlib
 import logging
-import os
-import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
-from fnserver.protocol import ALIAS_RE, RESERVED_ALIASES, check_alias, check_name
-from fnserver.protocol.errors import InternalError, InvalidArgumentError, NotFoundError
+from fnserver.protocol import (
+    ARTIFACT_KINDS,
+    MAX_PAGE,
+    AliasReply,
+    ArtifactKind,
+    DeleteReply,
+    FnError,
+    FunctionSummary,
+    GetReply,
+    InternalError,
+    InvalidArgumentError,
+    ListReply,
+    NotFoundError,
+    VersionInfo,
+    VersionRef,
+    check_alias,
+    check_name,
+    parse_version_ref,
+)
 
-from ._store import LocalStore
+from . import _fs, _meta
+from ._interfaces import ArtifactStore, FunctionRecord, MetadataStore, no_function, no_version
+from ._local import LocalStore
+from ._meta import NewVersion
+from ._sqlite import DigestArtifactStore, SqliteMetadataStore
 
-__all__ = ["Registry", "VersionRecord"]
+__all__ = ["Registry"]
 
 log = logging.getLogger("fnserver.registry")
 
 
 @dataclass(frozen=True)
-class VersionRecord:
-    """One committed version: ``path`` is its directory, ``meta`` its (read-only) meta.json."""
-
-    name: str
-    version: int
-    path: Path
-    meta: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
 class _Entry:
-    """Everything known about one name; replaced, never mutated."""
+    """Everything the index knows about one name with at least one version; never mutated."""
 
     name: str
-    next_version: int
-    versions: Mapping[int, VersionRecord]  # ascending
+    #: version -> metadata as stored (no aliases): what a reload can reuse.
+    stored: Mapping[int, VersionInfo]
+    #: version -> metadata with the aliases pointing at it: what readers get.
+    versions: Mapping[int, VersionInfo]
+    order: tuple[int, ...]
     aliases: Mapping[str, int]
-    latest: int | None
+    latest: int
+    summary: FunctionSummary
 
     @classmethod
     def build(
-        cls,
-        name: str,
-        next_version: int,
-        versions: Mapping[int, VersionRecord],
-        aliases: Mapping[str, int],
+        cls, name: str, stored: Mapping[int, VersionInfo], aliases: Mapping[str, int]
     ) -> _Entry:
-        ordered = {v: versions[v] for v in sorted(versions)}
+        order = tuple(sorted(stored))
+        pointing: dict[int, list[str]] = {}
+        for alias, v in sorted(aliases.items()):
+            pointing.setdefault(v, []).append(alias)
+        versions = {
+            v: replace(stored[v], aliases=tuple(pointing[v])) if v in pointing else stored[v]
+            for v in order
+        }
+        latest = versions[order[-1]]
+        aliases = MappingProxyType(dict(sorted(aliases.items())))
         return cls(
             name=name,
-            next_version=next_version,
-            versions=MappingProxyType(ordered),
-            aliases=MappingProxyType(dict(sorted(aliases.items()))),
-            latest=max(ordered) if ordered else None,
+            stored=MappingProxyType({v: stored[v] for v in order}),
+            versions=MappingProxyType(versions),
+            order=order,
+            aliases=aliases,
+            latest=latest.version,
+            summary=FunctionSummary(
+                name=name,
+                latest=latest.version,
+                versions=order,
+                aliases=aliases,
+                kind=latest.kind,
+                description=latest.description,
+            ),
         )
-
-    def record(self) -> dict[str, Any]:
-        """The function.json content for this entry."""
-        return {"next_version": self.next_version, "aliases": dict(self.aliases)}
-
-    def aliases_of(self, version: int) -> list[str]:
-        return sorted(a for a, v in self.aliases.items() if v == version)
-
-    def full_meta(self, version: int) -> dict[str, Any]:
-        """A private copy of a version's metadata plus the aliases pointing at it."""
-        meta = copy.deepcopy(dict(self.versions[version].meta))
-        meta["aliases"] = self.aliases_of(version)
-        return meta
-
-    def versions_text(self) -> str:
-        return ", ".join(map(str, self.versions))
 
 
 class Registry:
-    """Names, integer versions (never reused) and aliases over a data directory."""
+    """Names, integer versions (never reused) and aliases over a metadata and an artifact store."""
 
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
-        self._store = LocalStore(Path(data_dir))
-        self._lock = threading.Lock()
+    def __init__(
+        self,
+        metadata: MetadataStore,
+        artifacts: ArtifactStore,
+        *,
+        default_timeout_ms: int = 5000,
+        default_memory_mb: int = 128,
+    ) -> None:
+        self.metadata = metadata
+        self.artifacts = artifacts
+        self._defaults = {"timeout_ms": default_timeout_ms, "memory_mb": default_memory_mb}
         self._index: Mapping[str, _Entry] = MappingProxyType({})
+        self._cursor: int | None = None
+        self._sync = asyncio.Lock()
+        # Numbers of refreshes begun and of the last one that completed (see refresh()).
+        self._refreshes_started = 0
+        self._refresh_done = 0
 
-    @property
-    def data_dir(self) -> Path:
-        """The root directory of the store."""
-        return self._store.root
+    @classmethod
+    def local(cls, data_dir: Path, **defaults: int) -> Registry:
+        """The seed's layout under ``data_dir`` (``<name>/<version>/main.wasm`` ...)."""
+        store = LocalStore(Path(data_dir))
+        return cls(store, store, **defaults)
 
-    # -- start-up ---------------------------------------------------------------------------
+    @classmethod
+    def sqlite(cls, root: Path, **defaults: int) -> Registry:
+        """SQLite metadata at ``root/registry.db``, artifacts by digest under ``root/artifacts``."""
+        root = Path(root)
+        return cls(
+            SqliteMetadataStore(root / "registry.db"),
+            DigestArtifactStore(root / "artifacts", root / "staging"),
+            **defaults,
+        )
 
-    def open(self) -> None:
-        """Prepare the data directory and rebuild the index from disk, repairing what a crash left."""
-        with self._lock:
-            self._store.prepare()
-            index: dict[str, _Entry] = {}
-            for name in self._store.names():
-                entry = self._load(name)
-                if entry is not None:
-                    index[name] = entry
-            self._index = MappingProxyType(index)
-        log.info("registry open at %s: %d functions", self.data_dir, len(index))
+    # -- life cycle ---------------------------------------------------------------------------
 
-    def _load(self, name: str) -> _Entry | None:
-        record = self._store.read_function(name)
-        on_disk = self._store.version_numbers(name)
-        if record is None and not on_disk:
+    async def open(self) -> None:
+        """Prepare storage, clean leftovers, load the index."""
+        async with self._storage("open the registry"):
+            await self.metadata.open()
+            if self.artifacts is not self.metadata:
+                await self.artifacts.open()
+        async with self._sync, self._storage("load the registry"):
+            await self._reload_all()
+        log.info("registry open: %d functions", len(self._index))
+
+    async def close(self) -> None:
+        """Close both stores; idempotent."""
+        await self.metadata.close()
+        if self.artifacts is not self.metadata:
+            await self.artifacts.close()
+
+    async def refresh(self) -> None:
+        """Apply what changed in the metadata store since the last look (any writer's changes).
+
+        Cheap when nothing changed: one look at the change feed. Callers that arrive while a
+        refresh runs share the next one, so a burst of misses costs two looks, not a queue.
+        """
+        ticket = self._refreshes_started
+        async with self._sync:
+            if self._refresh_done > ticket:
+                # A refresh that began after this call arrived has completed meanwhile: it saw
+                # everything that had happened before this call.
+                return
+            self._refreshes_started += 1
+            number = self._refreshes_started
+            async with self._storage("refresh the registry"):
+                cursor, names = await self.metadata.changes(self._cursor)
+                if names is None:
+                    await self._reload_all()
+                else:
+                    if names:
+                        records = {n: await self.metadata.load(n) for n in sorted(names)}
+                        self._publish(records)
+                    self._cursor = cursor
+            self._refresh_done = number
+
+    async def _reload_all(self) -> None:
+        # Caller holds _sync. The cursor is taken first: a write that lands during the load is
+        # then reported again by the next refresh instead of being missed.
+        cursor, _ = await self.metadata.changes(None)
+        records = await self.metadata.load_all()
+        old = self._index
+        entries = await asyncio.to_thread(self._entries, records, old)
+        self._index = MappingProxyType({n: e for n, e in sorted(entries.items()) if e is not None})
+        self._cursor = cursor
+
+    def stale(self) -> bool:
+        """Whether another writer may have changed the store since the last refresh; no I/O.
+
+        The hot path can afford it (a memory read): ``if registry.stale(): await
+        registry.refresh()`` before a resolve sees another process's delete or alias move,
+        which the "refresh on NOT_FOUND" pattern alone would miss.
+        """
+        hint = self.metadata.peek()
+        return hint is None or hint != self._cursor
+
+    async def _reload(self, name: str) -> None:
+        """Catch up after this registry changed ``name``: through the feed, which records the
+        write, so the cursor moves past it too and ``stale()`` stays false."""
+        await self.refresh()
+
+    def _publish(self, records: Mapping[str, FunctionRecord | None]) -> None:
+        # A new mapping, never an in-place update: readers may be iterating the old one.
+        index = dict(self._index)
+        for name, entry in self._entries(records, self._index, keep_missing=True).items():
+            if entry is None:
+                index.pop(name, None)
+            else:
+                index[name] = entry
+        self._index = MappingProxyType(dict(sorted(index.items())))
+
+    def _entries(
+        self,
+        records: Mapping[str, FunctionRecord | None],
+        old: Mapping[str, _Entry],
+        *,
+        keep_missing: bool = False,
+    ) -> dict[str, _Entry | None]:
+        """Index entries for ``records``; names with no version map to None if keep_missing."""
+        out: dict[str, _Entry | None] = {}
+        for name, record in records.items():
+            entry = self._entry(name, record, old.get(name))
+            if entry is not None or keep_missing:
+                out[name] = entry
+        return out
+
+    def _entry(self, name: str, record: FunctionRecord | None, old: _Entry | None) -> _Entry | None:
+        if record is None:
             return None
-        versions: dict[int, VersionRecord] = {}
-        for v in on_disk:
-            meta = self._store.read_meta(name, v)
-            if meta is None or meta.get("name") != name or meta.get("version") != v:
-                log.warning("ignoring %s: no valid meta.json", self._store.version_path(name, v))
+        stored: dict[int, VersionInfo] = {}
+        for v, doc in record.versions.items():
+            # Versions are immutable: what was decoded once is reused.
+            known = old.stored.get(v) if old is not None else None
+            if known is not None:
+                stored[v] = known
                 continue
-            versions[v] = VersionRecord(
-                name, v, self._store.version_path(name, v), MappingProxyType(meta)
-            )
-        counter = record.get("next_version") if record else None
-        if not isinstance(counter, int) or isinstance(counter, bool):
-            counter = 1
-        # Even an invalid version directory keeps its number: it must never be handed out again.
-        next_version = max([counter, *(v + 1 for v in on_disk)])
-        raw_aliases = record.get("aliases") if record else None
-        aliases = {
-            a: v
-            for a, v in (raw_aliases.items() if isinstance(raw_aliases, dict) else ())
-            if isinstance(a, str)
-            and ALIAS_RE.match(a)
-            and a not in RESERVED_ALIASES
-            and type(v) is int
-            and v in versions
-        }
-        entry = _Entry.build(name, next_version, versions, aliases)
-        if record != entry.record():
-            log.warning("repairing %s/function.json", name)
-            self._store.write_function(name, entry.record())
-        return entry
+            try:
+                info = _meta.decode(doc, **self._defaults)
+            except FnError as exc:
+                log.warning("ignoring version %d of %r: %s", v, name, exc)
+                continue
+            if (info.name, info.version) != (name, v):
+                log.warning("ignoring version %d of %r: its record names another", v, name)
+                continue
+            stored[v] = info
+        if not stored:
+            return None
+        aliases = {a: v for a, v in record.aliases.items() if v in stored}
+        return _Entry.build(name, stored, aliases)
 
-    # -- staging ----------------------------------------------------------------------------
+    # -- staging ------------------------------------------------------------------------------
 
-    def new_staging(self) -> Path:
-        """A fresh, unique, empty directory to upload and build into."""
-        return self._store.new_staging()
+    async def new_staging(self) -> Path:
+        """A fresh, unique, empty directory (0755) to upload and build into."""
+        async with self._storage("create a staging directory"):
+            return await self.artifacts.new_staging()
 
-    def discard(self, staging: Path) -> None:
+    async def discard(self, path: Path) -> None:
         """Remove a staging directory; never raises."""
-        self._store.discard(staging)
+        try:
+            await self.artifacts.discard(Path(path))
+        except Exception as exc:  # a cleanup must not hide the error that led to it
+            log.warning("could not discard a staging directory: %s", exc)
 
-    # -- mutations (worker threads) ---------------------------------------------------------
+    # -- writes -------------------------------------------------------------------------------
 
-    def commit(
-        self, name: str, staging: Path, meta: dict[str, Any], *, alias: str | None = None
-    ) -> dict[str, Any]:
-        """Publish ``staging`` as the next version of ``name``; return its metadata."""
+    async def commit(
+        self,
+        name: str,
+        artifacts: Mapping[ArtifactKind, Path],
+        meta: NewVersion,
+        *,
+        alias: str | None = None,
+    ) -> VersionInfo:
+        """Publish ``artifacts`` as the next version of ``name``; return its metadata.
+
+        The version number is allocated by the metadata store in the same step that records
+        the version. On any failure nothing is left behind, and a number that was allocated
+        stays burnt. The files in ``artifacts`` are copied, not moved: the caller discards
+        its staging directory afterwards as always.
+        """
         check_name(name)
         if alias is not None:
             check_alias(alias)
-        staging = Path(staging)
-        if not self._store.is_staging(staging):
-            raise InternalError(f"{staging} is not a staging directory of this registry")
+        if not isinstance(meta, NewVersion):
+            raise InvalidArgumentError("commit needs a NewVersion")
+        if not artifacts or any(k not in ARTIFACT_KINDS for k in artifacts):
+            raise InvalidArgumentError(
+                f"artifacts must be a non-empty map of {', '.join(ARTIFACT_KINDS)} to files"
+            )
+        files = {k: Path(p) for k, p in artifacts.items()}
+        async with self._storage(f"read the artifacts of {name!r}"):
+            digests = await asyncio.to_thread(
+                lambda: {k: _fs.sha256_file(p) for k, p in files.items()}
+            )
+        draft = meta.to_info(name, 1, _meta.utc_now(), digests)
+        doc = _meta.encode(draft)
+        del doc["version"]  # assigned by the store
+        put: list[str] = []
         try:
-            json.dumps(meta)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgumentError(f"metadata is not JSON-serialisable: {exc}") from exc
-        # Flushing artifacts needs no version number, so it stays outside the lock.
-        self._store.sync_artifacts(staging)
-        with self._lock:
-            old = self._index.get(name)
-            version = old.next_version if old else 1
-            # "aliases" is live state kept in function.json, not part of the immutable meta.
-            full = {k: v for k, v in meta.items() if k != "aliases"}
-            full.update(name=name, version=version, created=_utc_now())
+            async with self._storage(f"store the artifacts of {name!r}"):
+                for kind in draft.artifacts:
+                    await self.artifacts.put(digests[kind], files[kind])
+                    put.append(digests[kind])
             try:
-                path = self._store.publish(name, version, staging, full)
-            except OSError as exc:
-                raise InternalError(f"could not store {name} version {version}: {exc}") from exc
-            versions = dict(old.versions) if old else {}
-            versions[version] = VersionRecord(name, version, path, MappingProxyType(full))
-            aliases = dict(old.aliases) if old else {}
-            if alias is not None:
-                aliases[alias] = version
-            entry = _Entry.build(name, version + 1, versions, aliases)
-            try:
-                self._store.write_function(name, entry.record())
-            except OSError as exc:
-                self._rollback(name, version)
-                raise InternalError(f"could not record {name} version {version}: {exc}") from exc
-            self._publish(entry)
-        return entry.full_meta(version)
+                async with self._storage(f"store a version of {name!r}"):
+                    version = await self.metadata.put_version(name, doc, alias=alias)
+            except BaseException:
+                await self._collect(put)
+                raise
+        finally:
+            for digest in put:
+                with contextlib.suppress(Exception):
+                    await self.artifacts.release(digest)
+        await self._reload(name)
+        entry = self._index.get(name)
+        if entry is not None and version in entry.versions:
+            return entry.versions[version]
+        # Deleted by another writer before we could read it back.
+        return replace(draft, version=version, aliases=(alias,) if alias else ())
 
-    def delete(self, name: str, version: int | None = None) -> dict[str, Any]:
-        """Delete one version, or every version if ``version`` is None; drop dangling aliases."""
+    async def delete(self, name: str, version: int | None = None) -> DeleteReply:
+        """Delete one version, or every version when ``version`` is None; drop their aliases.
+
+        The name's counter survives: a deleted number is never handed out again.
+        """
         check_name(name)
         if version is not None:
             _check_version(version)
-        graves: list[Path] = []
         try:
-            with self._lock:
-                old = self._existing(name)
-                if version is not None and version not in old.versions:
-                    raise _no_version(old, version)
-                gone: list[int] = []
-                failure: OSError | None = None
-                for v in old.versions if version is None else [version]:
-                    try:
-                        graves.append(self._store.unpublish(name, v))
-                    except OSError as exc:
-                        failure = exc
-                        break
-                    gone.append(v)
-                # Whatever was moved out is gone from disk, even after a failure: the index follows.
-                removed = sorted(a for a, v in old.aliases.items() if v in gone)
-                entry = _Entry.build(
-                    name,
-                    old.next_version,
-                    {v: r for v, r in old.versions.items() if v not in gone},
-                    {a: v for a, v in old.aliases.items() if v not in gone},
-                )
-                self._publish(entry)
-                try:
-                    self._store.write_function(name, entry.record())
-                except OSError as exc:
-                    # open() drops aliases to missing versions, so disk repairs itself later.
-                    log.warning("could not update %s/function.json: %s", name, exc)
-                if failure is not None:
-                    raise InternalError(f"could not delete {name}: {failure}") from failure
+            async with self._storage(f"delete {name!r}"):
+                deleted = await self.metadata.delete(name, version)
         finally:
-            # The slow part, outside the lock: the directories are already invisible.
-            for grave in graves:
-                self._store.discard(grave)
-        return {"name": name, "deleted": gone, "aliases_removed": removed}
+            await self._reload(name)
+        await self._collect(deleted.digests)
+        return DeleteReply(
+            name=name, deleted=deleted.versions, aliases_removed=deleted.aliases_removed
+        )
 
-    def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
+    async def set_alias(self, name: str, alias: str, version: int) -> AliasReply:
         """Point ``alias`` at ``version`` of ``name``, creating or moving it."""
         check_name(name)
         check_alias(alias)
         _check_version(version)
-        with self._lock:
-            old = self._existing(name)
-            if version not in old.versions:
-                raise _no_version(old, version)
-            previous = old.aliases.get(alias)
-            entry = _Entry.build(
-                name, old.next_version, old.versions, {**old.aliases, alias: version}
-            )
-            try:
-                self._store.write_function(name, entry.record())
-            except OSError as exc:
-                raise InternalError(f"could not record alias {alias!r} of {name}: {exc}") from exc
-            self._publish(entry)
-        return {"name": name, "alias": alias, "version": version, "previous": previous}
+        async with self._storage(f"record alias {alias!r} of {name!r}"):
+            previous = await self.metadata.set_alias(name, alias, version)
+        await self._reload(name)
+        return AliasReply(name=name, alias=alias, version=version, previous=previous)
 
-    def _rollback(self, name: str, version: int) -> None:
-        # Take a half-committed version back so that disk and index agree. If even that fails
-        # the directory stays: open() will find it, and publish() refuses to overwrite it.
+    async def _collect(self, digests: Iterable[str]) -> None:
+        """Delete the artifacts of ``digests`` that no version refers to any more; never raises."""
+        wanted = set(digests)
+        if not wanted:
+            return
         try:
-            self._store.discard(self._store.unpublish(name, version))
+            in_use = await self.metadata.digests_in_use(wanted)
+            for digest in sorted(wanted - in_use):
+                await self.artifacts.forget(digest)
+        except Exception as exc:  # an orphaned artifact costs space, never correctness
+            log.warning("could not remove unused artifacts: %s", exc)
+
+    @contextlib.asynccontextmanager
+    async def _storage(self, what: str) -> AsyncIterator[None]:
+        """Storage failures the stores did not word themselves, as InternalError with no path."""
+        try:
+            yield
+        except FnError:
+            raise
         except OSError as exc:
-            log.error("could not roll back %s version %d: %s", name, version, exc)
+            raise InternalError(f"could not {what}: {_fs.reason(exc)}") from exc
 
-    def _publish(self, entry: _Entry) -> None:
-        # Caller holds the lock. A new dict, never an in-place update: readers may be iterating.
-        self._index = MappingProxyType({**self._index, entry.name: entry})
+    # -- reads (event-loop thread, lock-free, no I/O) -----------------------------------------
 
-    # -- reads (event-loop thread, lock-free) -----------------------------------------------
+    def resolve(self, name: str, ref: VersionRef = None) -> VersionInfo:
+        """The version ``ref`` names: None/"latest" = newest, a number or digit string, or an alias.
 
-    def resolve(self, name: str, ref: int | str | None = None) -> VersionRecord:
-        """The version ``ref`` names: None/"latest" = newest, an int or digit string, or an alias."""
+        Only the in-memory index is consulted; a caller that gets NOT_FOUND may ``refresh()``
+        and try once more to see what another writer did meanwhile.
+        """
         entry = self._existing(name)
-        if ref is None or ref == "latest":
-            assert entry.latest is not None  # _existing guarantees at least one version
+        ref = parse_version_ref(ref)
+        if ref is None:
             return entry.versions[entry.latest]
-        if isinstance(ref, bool):
-            raise InvalidArgumentError(f"invalid version {ref!r}")
-        if isinstance(ref, str) and ref.isascii() and ref.isdigit():
-            ref = int(ref)
         if isinstance(ref, int):
-            record = entry.versions.get(ref)
-            if record is None:
-                raise _no_version(entry, ref)
-            return record
-        if isinstance(ref, str):
-            target = entry.aliases.get(ref)
-            if target is None:
-                raise NotFoundError(
-                    f"function {name!r} has no alias {ref!r}", {"name": name, "alias": ref}
-                )
-            return entry.versions[target]
-        raise InvalidArgumentError(f"invalid version {ref!r}: expected an integer or an alias")
-
-    def list(self) -> list[dict[str, Any]]:
-        """Every function with at least one version, sorted by name."""
-        out = []
-        for name, entry in sorted(self._index.items()):
-            if entry.latest is None:
-                continue
-            latest = entry.versions[entry.latest].meta
-            out.append(
-                {
-                    "name": name,
-                    "latest": entry.latest,
-                    "versions": list(entry.versions),
-                    "aliases": dict(entry.aliases),
-                    "kind": latest.get("kind"),
-                    "description": latest.get("description") or "",
-                }
+            info = entry.versions.get(ref)
+            if info is None:
+                raise no_version(name, entry.order, ref)
+            return info
+        target = entry.aliases.get(ref)
+        if target is None:
+            raise NotFoundError(
+                f"function {name!r} has no alias {ref!r}", {"name": name, "alias": ref}
             )
-        return out
+        return entry.versions[target]
 
-    def get(self, name: str) -> dict[str, Any]:
-        """One function: its aliases and the full metadata of every version, ascending."""
+    def artifact_path(self, info: VersionInfo, kind: ArtifactKind) -> Path:
+        """A local readable file holding ``info``'s artifact of ``kind``."""
+        digest = info.artifact_sha256.get(kind)
+        if digest is None or kind not in info.artifacts:
+            raise NotFoundError(
+                f"version {info.version} of {info.name!r} has no {kind} artifact",
+                {"name": info.name, "version": info.version},
+            )
+        try:
+            return self.artifacts.path(digest)
+        except LookupError:
+            raise NotFoundError(
+                f"version {info.version} of {info.name!r} is no longer stored",
+                {"name": info.name, "version": info.version},
+            ) from None
+
+    def list(self) -> ListReply:
+        """Every function with at least one version, sorted by name."""
+        return ListReply(tuple(entry.summary for entry in self._index.values()))
+
+    def get(
+        self,
+        name: str,
+        *,
+        version: VersionRef = None,
+        limit: int = 50,
+        cursor: int | None = None,
+        log: bool = False,
+    ) -> GetReply:
+        """One function and one page of its versions, ascending.
+
+        At most ``limit`` (1..100) versions after version ``cursor`` (None: from the first);
+        ``next_cursor`` is the last version returned when more remain. With ``version`` set,
+        just that version (an alias or "latest" works too). Build logs only with ``log``.
+        """
         entry = self._existing(name)
-        return {
-            "name": name,
-            "latest": entry.latest,
-            "aliases": dict(entry.aliases),
-            "versions": [entry.full_meta(v) for v in entry.versions],
-        }
+        if type(limit) is not int or not 1 <= limit <= MAX_PAGE:
+            raise InvalidArgumentError(
+                f"'limit' must be an integer from 1 to {MAX_PAGE}, got {limit!r}"
+            )
+        if cursor is not None and (type(cursor) is not int or cursor < 0):
+            raise InvalidArgumentError(f"'cursor' must be a version number, got {cursor!r}")
+        next_cursor: int | None = None
+        if version is not None:
+            page: tuple[VersionInfo, ...] = (self.resolve(name, version),)
+        else:
+            start = bisect.bisect_right(entry.order, cursor or 0)
+            numbers = entry.order[start : start + limit]
+            page = tuple(entry.versions[v] for v in numbers)
+            if start + limit < len(entry.order):
+                next_cursor = numbers[-1]
+        return GetReply(
+            name=name,
+            latest=entry.latest,
+            aliases=entry.aliases,
+            versions=page,
+            next_cursor=next_cursor,
+            log=log,
+        )
 
     def _existing(self, name: str) -> _Entry:
         entry = self._index.get(name)
-        if entry is None or entry.latest is None:
-            raise NotFoundError(f"no function named {name!r}", {"name": name})
+        if entry is None:
+            check_name(name)  # only on a miss: the hit path stays one dict lookup
+            raise no_function(name)
         return entry
 
 
 def _check_version(version: object) -> None:
     if type(version) is not int or version < 1:
         raise InvalidArgumentError(f"invalid version {version!r}: expected an integer >= 1")
-
-
-def _no_version(entry: _Entry, version: int) -> NotFoundError:
-    return NotFoundError(
-        f"function {entry.name!r} has no version {version} (versions: {entry.versions_text()})",
-        {"name": entry.name, "version": version},
-    )
-
-
-def _utc_now() -> str:
-    """UTC ISO-8601 with milliseconds and a Z, e.g. 2026-11-25T10:43:17.123Z."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -25,11 +25,15 @@ T = TypeVar("T")
 
 
 async def fresh(registry: Registry, read: Callable[[], T]) -> T:
-    """Run an index read; on NOT_FOUND, catch up with the change feed once and read again.
+    """Run an index read on an index that has seen every change committed before it.
 
-    The index is refreshed lazily: another serving process (or node) may have registered the
-    version a caller names a moment ago. A miss costs one refresh; a hit costs nothing.
+    Another serving process (or node) may have registered, aliased or deleted a moment ago:
+    ``stale()`` is a memory read of the store's generation (no system call), and only when it
+    moved does the read wait for the change feed. On NOT_FOUND the feed is consulted once more,
+    for a write that landed between the check and the read.
     """
+    if registry.stale():
+        await registry.refresh()
     try:
         return read()
     except NotFoundError:

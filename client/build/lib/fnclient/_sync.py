@@ -1,0 +1,165 @@
+"""The blocking client: :class:`AsyncClient` driven by a private event loop in a daemon thread.
+
+Each method submits the async method's coroutine with ``run_coroutine_threadsafe`` and waits,
+so the protocol logic exists once, and several threads can share one ``Client`` (their calls
+are multiplexed on its one connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+from ._async import AsyncClient, ProgressCallback, Source
+from ._results import InvokeResult
+from .protocol import UnavailableError
+
+__all__ = ["Client"]
+
+_T = TypeVar("_T")
+
+
+class Client:
+    """Blocking client for one fnserver; ``with Client("host:port") as c: c.invoke(...)``.
+
+    ``progress`` callbacks given to :meth:`register` run on the client's loop thread.
+    """
+
+    def __init__(
+        self, address: str, token: str | None = None, *, connect_timeout: float = 10.0
+    ) -> None:
+        self._async = AsyncClient(address, token, connect_timeout=connect_timeout)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="fnclient-loop", daemon=True
+        )
+        self._thread.start()
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def __enter__(self) -> Client:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        with self._lock:
+            if self._stopped:
+                coro.close()
+                raise UnavailableError("client is closed")
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError as exc:
+            raise UnavailableError("client closed") from exc
+        except BaseException:
+            # KeyboardInterrupt in the calling thread: stop the call instead of orphaning it.
+            future.cancel()
+            raise
+
+    @property
+    def address(self) -> str:
+        """The address given to the constructor."""
+        return self._async.address
+
+    @property
+    def server_info(self) -> dict[str, Any]:
+        """The server's HELLO result (PROTOCOL.md §4)."""
+        return self._async.server_info
+
+    def connect(self) -> None:
+        """Open the connection and complete HELLO; a no-op when already connected."""
+        self._run(self._async.connect())
+
+    def close(self) -> None:
+        """Close the connection and stop the loop thread. Idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        try:
+            asyncio.run_coroutine_threadsafe(self._async.close(), self._loop).result()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def ping(self) -> None:
+        """See :meth:`AsyncClient.ping`."""
+        self._run(self._async.ping())
+
+    def register(
+        self,
+        name: str,
+        path_or_bytes: Source,
+        *,
+        filename: str | None = None,
+        timeout_ms: int | None = None,
+        memory_mb: int | None = None,
+        alias: str | None = None,
+        kind: str | None = None,
+        description: str | None = None,
+        progress: ProgressCallback | None = None,
+        fuel: int | None = None,
+    ) -> dict[str, Any]:
+        """See :meth:`AsyncClient.register`."""
+        return self._run(
+            self._async.register(
+                name,
+                path_or_bytes,
+                filename=filename,
+                timeout_ms=timeout_ms,
+                memory_mb=memory_mb,
+                alias=alias,
+                kind=kind,
+                description=description,
+                progress=progress,
+                fuel=fuel,
+            )
+        )
+
+    def invoke(
+        self,
+        name: str,
+        input: bytes | bytearray | memoryview | str = b"",  # noqa: A002 - the wire field's name
+        *,
+        version: int | str | None = None,
+        args: Sequence[str] = (),
+        timeout_ms: int | None = None,
+        mode: str | None = None,
+    ) -> InvokeResult:
+        """See :meth:`AsyncClient.invoke`."""
+        return self._run(
+            self._async.invoke(
+                name, input, version=version, args=args, timeout_ms=timeout_ms, mode=mode
+            )
+        )
+
+    def list(self) -> list[dict[str, Any]]:  # noqa: A003 - the operation's name
+        """See :meth:`AsyncClient.list`."""
+        return self._run(self._async.list())
+
+    def get(
+        self,
+        name: str,
+        version: int | str | None = None,
+        *,
+        log: bool = False,
+        limit: int | None = None,
+        cursor: int | None = None,
+    ) -> dict[str, Any]:
+        """See :meth:`AsyncClient.get`."""
+        return self._run(self._async.get(name, version, log=log, limit=limit, cursor=cursor))
+
+    def delete(self, name: str, version: int | None = None) -> dict[str, Any]:
+        """See :meth:`AsyncClient.delete`."""
+        return self._run(self._async.delete(name, version))
+
+    def alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
+        """See :meth:`AsyncClient.alias`."""
+        return self._run(self._async.alias(name, alias, version))

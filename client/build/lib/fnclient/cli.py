@@ -1,0 +1,450 @@
+"""The ``fn`` command line: register, invoke, list, get, delete and alias functions.
+
+Exit status: a platform error prints ``error: CODE: message`` on stderr and exits 125 (as
+``env`` and ``docker run`` do for their own failures), so 0-124 stay the function's own exit
+codes; usage errors exit 2 (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, Final, TextIO
+
+from . import __version__
+from ._async import AsyncClient
+from ._results import InvokeResult
+from .protocol import PROTOCOL_VERSION, BuildError, FnError, InvalidArgumentError, parse_version_ref
+
+__all__ = ["main", "parse_target"]
+
+DEFAULT_SERVER: Final = "127.0.0.1:8080"
+#: Exit status for the platform's own failures, distinct from a function's exit codes.
+EXIT_ERROR: Final = 125
+EXIT_USAGE: Final = 2
+_MIB: Final = 1024 * 1024
+
+
+def parse_target(text: str) -> tuple[str, int | str | None]:
+    """Split ``NAME[@VERSION|@ALIAS]`` into the name and a version reference."""
+    name, sep, ref = text.partition("@")
+    if not name:
+        raise argparse.ArgumentTypeError(f"missing function name in {text!r}")
+    if not sep:
+        return name, None
+    if not ref:
+        raise argparse.ArgumentTypeError(f"missing version or alias after '@' in {text!r}")
+    try:
+        return name, parse_version_ref(ref)
+    except InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parse_delete_target(text: str) -> tuple[str, int | None]:
+    name, ref = parse_target(text)
+    if isinstance(ref, str):
+        raise argparse.ArgumentTypeError(f"delete takes a version number, not an alias: {text!r}")
+    return name, ref
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fn`` argument parser; ``--server``/``--token`` work before or after the command."""
+    # SUPPRESS defaults: a value given before the subcommand is not reset by the subparser.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        default=argparse.SUPPRESS,
+        help=f"server address (default: $FN_SERVER or {DEFAULT_SERVER})",
+    )
+    common.add_argument(
+        "--token", default=argparse.SUPPRESS, help="shared secret (default: $FN_TOKEN)"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="fn", description="Manage and invoke fnserver functions.", parents=[common]
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"fn (fnclient) {__version__}, protocol {PROTOCOL_VERSION}",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("register", parents=[common], help="upload and build a new version")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--timeout", type=_positive_int, metavar="MS", help="time limit (ms)")
+    p.add_argument("--memory", type=_positive_int, metavar="MB", help="memory limit (MiB)")
+    p.add_argument(
+        "--fuel",
+        type=_positive_int,
+        metavar="N",
+        help="instruction budget (wasm mode): a CPU limit independent of machine speed",
+    )
+    p.add_argument("--alias", metavar="A", help="point this alias at the new version")
+    p.add_argument("--kind", metavar="KIND", help="override the kind picked by the extension")
+    p.add_argument("--description", metavar="TEXT")
+    p.add_argument("--json", action="store_true", help="print the version metadata as JSON")
+
+    p = sub.add_parser(
+        "invoke",
+        parents=[common],
+        help="run a function",
+        usage="fn invoke [options] NAME[@VERSION|@ALIAS] [-- ARG...]",
+    )
+    p.add_argument("target", type=parse_target, metavar="NAME[@VERSION|@ALIAS]")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--input", metavar="TEXT", help="input text (default: read stdin)")
+    source.add_argument("--input-file", metavar="PATH", help="read the input from a file")
+    p.add_argument("--timeout", type=_positive_int, metavar="MS")
+    p.add_argument("--mode", choices=["native", "wasm"])
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("list", parents=[common], help="list functions")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("get", parents=[common], help="show a function and its versions")
+    p.add_argument("target", type=parse_target, metavar="NAME[@VERSION|@ALIAS]")
+    p.add_argument("--log", action="store_true", help="include each version's build log")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("delete", parents=[common], help="delete a version or a whole function")
+    p.add_argument("target", type=_parse_delete_target, metavar="NAME[@VERSION]")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("alias", parents=[common], help="point an alias at a version")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("alias", metavar="ALIAS")
+    p.add_argument("version", type=_positive_int, metavar="VERSION")
+    p.add_argument("--json", action="store_true")
+
+    sub.add_parser("ping", parents=[common], help="check the server answers")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``fn`` arguments; everything after the first ``--`` goes to the function."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    # Split by hand: argparse cannot take positionals again after an option such as --json,
+    # so `fn invoke f --json -- a` would fail with a trailing nargs='*' positional.
+    fn_args: list[str] = []
+    if "--" in args:
+        cut = args.index("--")
+        args, fn_args = args[:cut], args[cut + 1 :]
+    parser = build_parser()
+    ns = parser.parse_args(args)
+    if fn_args and ns.command != "invoke":
+        parser.error(f"'-- ARG...' is only accepted by 'fn invoke', not by 'fn {ns.command}'")
+    ns.fn_args = fn_args
+    ns.server = getattr(ns, "server", None) or os.environ.get("FN_SERVER") or DEFAULT_SERVER
+    ns.token = getattr(ns, "token", None) or os.environ.get("FN_TOKEN") or None
+    return ns
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fn``; returns the exit status."""
+    ns = parse_args(argv)
+    try:
+        return asyncio.run(_run(ns))
+    except FnError as exc:
+        _print_error(exc)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader of our output went away (`fn invoke f | head`); stay quiet like cat does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        # A local file that cannot be read is the caller's mistake, reported like argparse.
+        print(f"fn: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _print_error(exc: FnError) -> None:
+    print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+    if isinstance(exc, BuildError):
+        log = exc.details.get("log")
+        if isinstance(log, str) and log:
+            sys.stderr.write(log if log.endswith("\n") else log + "\n")
+    sys.stderr.flush()
+
+
+async def _run(ns: argparse.Namespace) -> int:
+    async with AsyncClient(ns.server, ns.token) as client:
+        handler = _COMMANDS[ns.command]
+        return await handler(client, ns)
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+async def _cmd_register(client: AsyncClient, ns: argparse.Namespace) -> int:
+    progress = _Progress(sys.stderr, os.path.basename(ns.file))
+    try:
+        meta = await client.register(
+            ns.name,
+            ns.file,
+            timeout_ms=ns.timeout,
+            memory_mb=ns.memory,
+            fuel=ns.fuel,
+            alias=ns.alias,
+            kind=ns.kind,
+            description=ns.description,
+            progress=progress,
+        )
+    finally:
+        progress.finish()
+    if ns.json:
+        _print_json(meta)
+        return 0
+    artifacts = "+".join(str(a) for a in meta.get("artifacts") or []) or "?"
+    build_s = (meta.get("build_ms") or 0) / 1000
+    line = (
+        f"registered {meta.get('name', ns.name)} version {meta.get('version')}"
+        f" ({meta.get('kind', '?')}, {artifacts}, built in {build_s:.1f} s)"
+    )
+    aliases = meta.get("aliases") or []
+    if aliases:
+        line += f", aliases: {', '.join(map(str, aliases))}"
+    print(line)
+    return 0
+
+
+class _Progress:
+    """Progress events (§5.3) as stderr lines, only on a terminal.
+
+    Redirected, stderr holds nothing but a failure (``error: CODE: message`` as its first
+    line), so scripts and CI logs can rely on it.
+    """
+
+    def __init__(self, out: TextIO, filename: str) -> None:
+        self.out = out
+        self.filename = filename
+        self.tty = out.isatty()
+        self._open_line = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if not self.tty:
+            return
+        stage = event.get("stage")
+        if stage == "upload":
+            received, size = event.get("received") or 0, event.get("size") or 0
+            self.out.write(
+                f"\ruploading {self.filename}: {received / _MIB:.1f}/{size / _MIB:.1f} MiB"
+            )
+            self._open_line = True
+        else:
+            if self._open_line:
+                self.out.write("\n")
+                self._open_line = False
+            message = event.get("message") or ""
+            self.out.write(f"{stage}: {message}\n" if stage else f"{message}\n")
+        self.out.flush()
+
+    def finish(self) -> None:
+        """End a pending ``\\r`` counter line so later output starts on a fresh line."""
+        if self._open_line:
+            self.out.write("\n")
+            self.out.flush()
+            self._open_line = False
+
+
+async def _cmd_invoke(client: AsyncClient, ns: argparse.Namespace) -> int:
+    name, version = ns.target
+    if ns.input is not None:
+        data = ns.input.encode("utf-8")
+    elif ns.input_file is not None:
+        with open(ns.input_file, "rb") as f:
+            data = f.read()
+    else:
+        data = await asyncio.to_thread(sys.stdin.buffer.read)
+    result = await client.invoke(
+        name, data, version=version, args=ns.fn_args, timeout_ms=ns.timeout, mode=ns.mode
+    )
+    if ns.json:
+        _print_json(result.to_json())
+    else:
+        _write_result(result)
+    return result.exit_code % 256
+
+
+def _write_result(result: InvokeResult) -> None:
+    # Flush the text layers first: the bytes go underneath them, and must not overtake them.
+    sys.stdout.flush()
+    sys.stdout.buffer.write(result.output)
+    sys.stdout.buffer.flush()
+    sys.stderr.flush()
+    sys.stderr.buffer.write(result.stderr)
+    sys.stderr.buffer.flush()
+    if result.truncated:
+        print(f"fn: output truncated at {len(result.output)} bytes", file=sys.stderr)
+
+
+async def _cmd_list(client: AsyncClient, ns: argparse.Namespace) -> int:
+    functions = await client.list()
+    if ns.json:
+        _print_json(functions)
+        return 0
+    rows = [["NAME", "LATEST", "VERSIONS", "ALIASES", "KIND"]]
+    for fn in functions:
+        aliases = fn.get("aliases") or {}
+        rows.append(
+            [
+                str(fn.get("name", "")),
+                str(fn.get("latest", "")),
+                _ranges(fn.get("versions") or []),
+                ",".join(f"{a}={v}" for a, v in sorted(aliases.items())) or "-",
+                str(fn.get("kind") or "-"),
+            ]
+        )
+    _print_table(rows)
+    return 0
+
+
+async def _cmd_get(client: AsyncClient, ns: argparse.Namespace) -> int:
+    name, ref = ns.target
+    info = await client.get(name, ref, log=ns.log)
+    if ns.json:
+        _print_json(info)
+        return 0
+    aliases = info.get("aliases") or {}
+    alias_text = ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
+    print(f"{info.get('name', name)}: latest version {info.get('latest')}, aliases: {alias_text}")
+    for meta in info.get("versions") or []:
+        print(_describe_version(meta))
+        if ns.log:
+            log = str(meta.get("build_log") or "").rstrip()
+            print("    build log:" + ("\n" + _indent(log, "      ") if log else " (empty)"))
+    return 0
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+def _describe_version(meta: dict[str, Any]) -> str:
+    limits = meta.get("limits") or {}
+    artifacts = "+".join(str(a) for a in meta.get("artifacts") or []) or "-"
+    lines = [
+        f"  version {meta.get('version')}  created {meta.get('created', '?')}",
+        f"    kind {meta.get('kind', '?')}, artifacts {artifacts}, mode {meta.get('mode', '?')}",
+        f"    file {meta.get('filename', '?')}, {_size(meta.get('size'))},"
+        f" sha256 {str(meta.get('sha256') or '')[:12]}",
+        f"    limits {limits.get('timeout_ms', '?')} ms, {limits.get('memory_mb', '?')} MiB"
+        + (f", fuel {limits['fuel']}" if limits.get("fuel") else ""),
+        f"    toolchain {meta.get('toolchain') or '-'},"
+        f" built in {(meta.get('build_ms') or 0) / 1000:.1f} s",
+    ]
+    if meta.get("aliases"):
+        lines.append(f"    aliases {', '.join(map(str, meta['aliases']))}")
+    if meta.get("description"):
+        lines.append(f"    description {meta['description']}")
+    return "\n".join(lines)
+
+
+async def _cmd_delete(client: AsyncClient, ns: argparse.Namespace) -> int:
+    name, version = ns.target
+    result = await client.delete(name, version)
+    if ns.json:
+        _print_json(result)
+        return 0
+    deleted = result.get("deleted") or []
+    what = "version" if len(deleted) == 1 else "versions"
+    line = f"deleted {result.get('name', name)} {what} {', '.join(map(str, deleted)) or 'none'}"
+    removed = result.get("aliases_removed") or []
+    if removed:
+        line += f" (aliases removed: {', '.join(map(str, removed))})"
+    print(line)
+    return 0
+
+
+async def _cmd_alias(client: AsyncClient, ns: argparse.Namespace) -> int:
+    result = await client.alias(ns.name, ns.alias, ns.version)
+    if ns.json:
+        _print_json(result)
+        return 0
+    previous = result.get("previous")
+    moved = f" (was {previous})" if previous is not None else ""
+    print(
+        f"{result.get('name', ns.name)}@{result.get('alias', ns.alias)}"
+        f" -> version {result.get('version', ns.version)}{moved}"
+    )
+    return 0
+
+
+async def _cmd_ping(client: AsyncClient, ns: argparse.Namespace) -> int:
+    await client.ping()
+    info = client.server_info
+    print(f"pong from {info.get('server', '?')} {info.get('server_version', '?')} at {ns.server}")
+    return 0
+
+
+_COMMANDS: Final = {
+    "register": _cmd_register,
+    "invoke": _cmd_invoke,
+    "list": _cmd_list,
+    "get": _cmd_get,
+    "delete": _cmd_delete,
+    "alias": _cmd_alias,
+    "ping": _cmd_ping,
+}
+
+
+# -- formatting ----------------------------------------------------------------------------
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _ranges(versions: Sequence[Any]) -> str:
+    """``[1, 2, 3, 5]`` -> ``1-3,5``: long histories stay one column wide."""
+    nums = sorted(v for v in versions if isinstance(v, int))
+    parts: list[str] = []
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        parts.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
+        i = j + 1
+    return ",".join(parts) or "-"
+
+
+def _size(value: Any) -> str:
+    if not isinstance(value, int):
+        return "? bytes"
+    if value < 1024:
+        return f"{value} bytes"
+    if value < _MIB:
+        return f"{value / 1024:.1f} KiB"
+    return f"{value / _MIB:.1f} MiB"
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m fnclient.cli`
+    sys.exit(main())

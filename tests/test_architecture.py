@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -222,7 +223,9 @@ def test_the_client_installs_alone_without_the_server_dependencies(tmp_path: Pat
         [str(py), *args], capture_output=True, text=True, timeout=600, cwd=tmp_path,
         env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")},
     )
-    installed = run("-m", "pip", "install", "-q", str(ROOT / "client"))
+    # From a copy: pip builds in the source tree, which must stay clean.
+    source = shutil.copytree(ROOT / "client", tmp_path / "client", ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    installed = run("-m", "pip", "install", "-q", str(source))
     assert installed.returncode == 0, installed.stderr
     listed = run("-m", "pip", "list", "--format=freeze")
     names = {line.split("==")[0].lower() for line in listed.stdout.split()}

@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import itertools
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final
@@ -544,7 +544,7 @@ def _hash_file(path: str) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-async def _file_chunks(path: str, size: int, chunk_size: int) -> AsyncIterator[bytes]:
+async def _file_chunks(path: str, size: int, chunk_size: int) -> AsyncGenerator[bytes, None]:
     f: BinaryIO = await asyncio.to_thread(open, path, "rb")
     try:
         remaining = size
@@ -558,6 +558,6 @@ async def _file_chunks(path: str, size: int, chunk_size: int) -> AsyncIterator[b
         f.close()
 
 
-async def _byte_chunks(data: bytes, chunk_size: int) -> AsyncIterator[bytes]:
+async def _byte_chunks(data: bytes, chunk_size: int) -> AsyncGenerator[bytes, None]:
     for start in range(0, len(data), chunk_size):
         yield data[start : start + chunk_size]

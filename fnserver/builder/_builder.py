@@ -225,13 +225,13 @@ class Builder:
             "GOENV": "off",
             "GOTELEMETRY": "off",
         }
-        targets = {
+        targets: dict[ArtifactKind, dict[str, str]] = {
             "wasm": {**env, "GOOS": "wasip1", "GOARCH": "wasm"},
             "native": {**env, "GOOS": go.goos, "GOARCH": go.goarch},
         }
         report(f"building wasm and native ({go.version})")
 
-        async def one(artifact: str) -> ProcResult:
+        async def one(artifact: ArtifactKind) -> ProcResult:
             argv = [str(go.go), "build", "-trimpath", "-buildvcs=false",
                     "-o", str(scratch / "out" / ARTIFACT_FILES[artifact]), pkg]
             return await run_tool(argv, cwd=root, env=targets[artifact],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 import wasmtime
 from wasmtime import _bindings as _b
@@ -25,7 +25,7 @@ __all__ = ["GuestRun", "run_guest"]
 _NO_FINALIZER: Final = ctypes.CFUNCTYPE(None, ctypes.c_void_p)()
 _EXTERN_FUNC: Final = _ffi.WASMTIME_EXTERN_FUNC.value
 _EXTERN_MEMORY: Final = _ffi.WASMTIME_EXTERN_MEMORY.value
-_CHAR_P = ctypes.POINTER(ctypes.c_char)
+_CHAR_P: TypeAlias = ctypes.POINTER(ctypes.c_char)  # type: ignore[valid-type]
 #: argv arrays are rebuilt only for new argument lists; most calls repeat ``[name]``.
 _ARGV_CACHE_MAX: Final = 256
 _argv_cache: OrderedDict[tuple[str, ...], tuple[int, ctypes.Array[_CHAR_P], list[bytes]]] = (

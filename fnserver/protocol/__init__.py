@@ -8,4 +8,3 @@ from here, under the layer name the design uses. Same module objects, same excep
 from __future__ import annotations
 
 from fnclient.protocol import *  # noqa: F403
-from fnclient.protocol import __all__ as __all__  # noqa: PLE0604

@@ -21,6 +21,7 @@ log = logging.getLogger("fnserver.registry")
 
 TMP_SUFFIX: Final = ".tmp"
 _CHUNK: Final = 1 << 20
+_ELF_MAGIC: Final = b"\x7fELF"
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -90,13 +91,15 @@ def copy_verified(source: Path, target: Path, digest: str) -> None:
     h = hashlib.sha256()
     try:
         with open(source, "rb") as src, open(target, "xb") as dst:
+            head = b""
             while chunk := src.read(_CHUNK):
+                head = head or chunk[:4]
                 h.update(chunk)
                 dst.write(chunk)
             dst.flush()
-            # Readable and executable by all: a native artifact (main.bin) is run by sandbox
-            # uids; nobody but the store's owner may write it.
-            os.fchmod(dst.fileno(), 0o755)
+            # Readable by all, written by nobody but the store's owner; an executable (a
+            # native artifact, run by the sandbox uids) keeps its execute bits.
+            os.fchmod(dst.fileno(), 0o755 if head == _ELF_MAGIC else 0o644)
             os.fsync(dst.fileno())
         if h.hexdigest() != digest:
             raise InternalError(f"artifact changed while it was stored (expected sha256 {digest})")

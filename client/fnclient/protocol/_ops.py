@@ -29,7 +29,8 @@ __all__ = ["OPERATIONS", "OPS", "Operation", "RequestRecord"]
 class RequestRecord(Protocol):
     """What every request record offers: built from and turned into a wire map."""
 
-    op: str
+    @property
+    def op(self) -> str: ...
 
     def to_wire(self) -> dict[str, Any]: ...
 

@@ -61,6 +61,11 @@ async def test_layout(reg: Registry, data: Path) -> None:
     assert (vdir / ARTIFACT_FILES["native"]).read_bytes() == b"elf"
     assert vdir.stat().st_mode & 0o777 == 0o755
     assert (vdir / ARTIFACT_FILES["wasm"]).stat().st_mode & 0o777 == 0o644
+    assert json.loads((data / "f" / "function.json").read_text()) == {
+        "next_version": 2,
+        "aliases": {},
+    }
+    assert staging(data) == []
 
 
 async def test_an_executable_artifact_stays_executable(reg: Registry, data: Path) -> None:
@@ -68,11 +73,6 @@ async def test_an_executable_artifact_stays_executable(reg: Registry, data: Path
     info = await upload(reg, "n", b"code", native=b"\x7fELF\x02\x01\x01")
     assert reg.artifact_path(info, "native").stat().st_mode & 0o777 == 0o755
     assert reg.artifact_path(info, "wasm").stat().st_mode & 0o777 == 0o644
-    assert json.loads((data / "f" / "function.json").read_text()) == {
-        "next_version": 2,
-        "aliases": {},
-    }
-    assert staging(data) == []
 
 
 async def test_meta_json_content(reg: Registry, data: Path) -> None:

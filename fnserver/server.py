@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from dataclasses import replace
 from typing import Any
 
 from . import __version__
@@ -28,6 +29,14 @@ class FnServer:
     """The fnserver service: registry, builder and exec pool behind the TCP front."""
 
     def __init__(self, config: ServerConfig) -> None:
+        # Absolute paths (no file system access): compile processes and workers run with
+        # cwd "/", so a relative --data-dir (the default ./functions) must not reach them.
+        config = replace(
+            config,
+            data_dir=config.data_dir.absolute(),
+            build_cache_dir=config.build_cache_dir and config.build_cache_dir.absolute(),
+            compile_cache_dir=config.compile_cache_dir and config.compile_cache_dir.absolute(),
+        )
         self.config = config
         self.registry = Registry.local(
             config.data_dir,

@@ -245,3 +245,18 @@ def test_fn_reports_an_error_without_a_server(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 125 and "UNAVAILABLE" in proc.stderr
+
+
+async def test_a_relative_data_dir_works(server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The README's default is ./functions: compile processes and workers run with cwd "/",
+    # so nothing relative may reach them.
+    monkeypatch.chdir(tmp_path)
+    h = ServerHandle(replace(server_config, data_dir=Path("functions")))
+    await h.start()
+    try:
+        async with AsyncClient(h.address) as c:
+            await c.register("echo", wf.echo(), filename="echo.wasm")
+            assert (await c.invoke("echo", b"relative")).output == b"relative"
+        assert (tmp_path / "functions" / "echo" / "1" / "meta.json").is_file()
+    finally:
+        await h.stop()

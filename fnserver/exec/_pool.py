@@ -324,13 +324,14 @@ class ExecPool:
         """Validate and compile a wasm module into the node's cache, in a separate bounded
         process. Raises :class:`InvalidArgumentError` for a module that is not a WASI
         command or takes over the compile limit."""
-        await self._cache().ensure(Path(artifact), digest.lower(), fuel=False)
+        # Absolute: the compile process and the workers run with cwd "/".
+        await self._cache().ensure(Path(artifact).absolute(), digest.lower(), fuel=False)
 
     async def _module(self, job: InvokeJob) -> CompiledModule:
         cache = self._cache()
         digest = job.digest.lower() or await cache.digest_of(job.artifact)
         fuel = job.limits.fuel is not None
-        return cache.known(digest, fuel) or await cache.ensure(job.artifact, digest, fuel)
+        return cache.known(digest, fuel) or await cache.ensure(job.artifact.absolute(), digest, fuel)
 
     async def invoke(self, job: InvokeJob) -> InvokeResult:
         """Run one invocation; guest failures raise the matching :class:`FnError`."""
@@ -349,7 +350,7 @@ class ExecPool:
             request = RunRequest(
                 function=job.function,
                 mode=job.mode,
-                module=module.name if module is not None else str(job.artifact),
+                module=module.name if module is not None else str(job.artifact.absolute()),
                 module_sha256=module.sha256 if module is not None else "",
                 input=job.input,
                 args=tuple(job.args),

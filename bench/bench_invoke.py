@@ -2,6 +2,9 @@
 
     python bench/bench_invoke.py [--quick | --smoke] [--workers N] [--out FILE]
 
+Three echo functions (the tests' WAT echo, a C echo and a Go echo, the last two built with
+fnserver's Builder), each measured as the best in-process floor and through a real server at
+1 and 64 in flight on one connection and 64 in flight over 8 connections (issue 8, item 6).
 See bench/README.md for what the figures mean. Loopback only; stops by itself.
 """
 
@@ -48,12 +51,19 @@ func main() {
 }
 """
 MODES = {
-    # seconds per server phase, seconds per floor, in-flight levels
-    "smoke": {"phase_s": 0.3, "floor_s": 0.3, "warmup_s": 0.05},
-    "quick": {"phase_s": 2.5, "floor_s": 2.0, "warmup_s": 0.3},
-    "full": {"phase_s": 10.0, "floor_s": 6.0, "warmup_s": 1.0},
+    # seconds per server phase, seconds per floor run, seconds of warm-up before each phase
+    "smoke": {"phase_s": 0.25, "floor_s": 0.2, "warmup_s": 0.05},
+    "quick": {"phase_s": 2.0, "floor_s": 1.5, "warmup_s": 0.3},
+    "full": {"phase_s": 8.0, "floor_s": 5.0, "warmup_s": 1.0},
 }
-IN_FLIGHT = (1, 64)
+FUNCTIONS = {  # key -> what it is
+    "wat": "tiny WAT echo (tests/wasm_fixtures.py)",
+    "c": "C echo (zig cc, wasm32-wasi)",
+    "go": "Go echo (GOOS=wasip1)",
+}
+# (name suffix, calls in flight, connections they are spread over)
+SHAPES = (("@1", 1, 1), ("@64", 64, 1), ("@64/8conn", 64, 8))
+CONNECTIONS = max(n for _, _, n in SHAPES)
 
 
 # -- modules ------------------------------------------------------------------------------------
@@ -65,17 +75,17 @@ def cache_dir() -> Path:
 
 
 def build_modules(smoke: bool) -> dict[str, bytes]:
-    """main.wasm of the C and Go echo functions, built once with fnserver's Builder."""
-    if smoke:
-        # No toolchain: both slots run the tests' WAT echo (the figures are then meaningless).
-        from tests import wasm_fixtures
+    """The three echo modules; the C and Go ones built once with fnserver's Builder."""
+    from tests import wasm_fixtures
 
-        wasm = wasm_fixtures.echo()
-        return {"c": wasm, "go": wasm}
+    wat = wasm_fixtures.echo()
+    if smoke:
+        # No toolchain: every slot runs the tests' WAT echo (the figures are then meaningless).
+        return {key: wat for key in FUNCTIONS}
     from fnserver.builder import Builder
 
     root = cache_dir()
-    out: dict[str, bytes] = {}
+    out: dict[str, bytes] = {"wat": wat}
     todo: list[tuple[str, str, bytes, Path]] = []
     for key, filename, source in (("c", "echo.c", C_SOURCE), ("go", "echo.go", GO_SOURCE)):
         tag = hashlib.sha256(source).hexdigest()[:16]
@@ -93,13 +103,13 @@ def build_modules(smoke: bool) -> dict[str, bytes]:
                 with tempfile.TemporaryDirectory() as tmp:
                     upload = Path(tmp) / filename
                     upload.write_bytes(source)
-                    await builder.build(upload, filename, Path(tmp) / "out")
+                    built = await builder.build(upload, filename, Path(tmp) / "out")
                     done.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(Path(tmp) / "out" / "main.wasm", done)
+                    shutil.copy(built.files["wasm"], done)
                     out[key] = done.read_bytes()
 
         asyncio.run(build_all())
-    return out
+    return {key: out[key] for key in FUNCTIONS}
 
 
 # -- the in-process floor -----------------------------------------------------------------------
@@ -194,11 +204,17 @@ async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     server_pids = _family(spec["server_pid"])
-    async with AsyncClient(spec["address"]) as client:
+    # All connections are opened (HELLO done) before the first phase; the one-connection
+    # phases use the first.
+    clients = [AsyncClient(spec["address"]) for _ in range(spec["connections"])]
+    try:
+        for c in clients:
+            await c.connect()
         for phase in spec["phases"]:
             name, fn, inflight = phase["name"], phase.get("function"), phase["in_flight"]
+            conns = clients[: phase["connections"]]
 
-            async def one(fn: str | None = fn) -> int:
+            async def one(client: AsyncClient, fn: str | None = fn) -> int:
                 t0 = time.perf_counter_ns()
                 if fn is None:
                     await client.ping()
@@ -208,18 +224,21 @@ async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
                         raise RuntimeError(f"{fn}: wrong output {res.output[:80]!r}")
                 return time.perf_counter_ns() - t0
 
-            async def loop(until: float, sink: list[int]) -> None:
+            async def loop(client: AsyncClient, until: float, sink: list[int]) -> None:
                 while time.perf_counter() < until:
-                    sink.append(await one())
+                    sink.append(await one(client))
 
+            # Caller i uses connection i mod n: 64 in flight over 8 connections is 8 on each.
             warm: list[int] = []
-            await asyncio.gather(*(loop(time.perf_counter() + spec["warmup_s"], warm)
-                                   for _ in range(inflight)))
+            until = time.perf_counter() + spec["warmup_s"]
+            await asyncio.gather(*(loop(conns[i % len(conns)], until, warm)
+                                   for i in range(inflight)))
             lat: list[int] = []
             cpu0 = resource.getrusage(resource.RUSAGE_SELF)
             srv0 = _proc_cpu_s(server_pids)
             start = time.perf_counter()
-            await asyncio.gather(*(loop(start + spec["phase_s"], lat) for _ in range(inflight)))
+            await asyncio.gather(*(loop(conns[i % len(conns)], start + spec["phase_s"], lat)
+                                   for i in range(inflight)))
             elapsed = time.perf_counter() - start
             cpu1 = resource.getrusage(resource.RUSAGE_SELF)
             srv1 = _proc_cpu_s(server_pids)
@@ -228,17 +247,23 @@ async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
             summary["client_cpu_us_per_call"] = round(client_cpu / len(lat) * 1e6, 1)
             summary["server_cpu_us_per_call"] = round((srv1 - srv0) / len(lat) * 1e6, 1)
             summary["in_flight"] = inflight
+            summary["connections"] = len(conns)
             results[name] = summary
+    finally:
+        for c in clients:
+            await c.close()
     return results
 
 
 def run_loadgen(address: str, server_pid: int, cfg: dict[str, float]) -> dict[str, Any]:
-    phases: list[dict[str, Any]] = [{"name": "ping@1", "function": None, "in_flight": 1}]
-    for key in ("c", "go"):
-        for n in IN_FLIGHT:
-            phases.append({"name": f"{key}@{n}", "function": f"bench-{key}", "in_flight": n})
+    phases: list[dict[str, Any]] = [
+        {"name": "ping@1", "function": None, "in_flight": 1, "connections": 1}]
+    for key in FUNCTIONS:
+        for suffix, inflight, conns in SHAPES:
+            phases.append({"name": key + suffix, "function": f"bench-{key}",
+                           "in_flight": inflight, "connections": conns})
     spec = {"address": address, "server_pid": server_pid, "phases": phases,
-            "phase_s": cfg["phase_s"], "warmup_s": cfg["warmup_s"]}
+            "connections": CONNECTIONS, "phase_s": cfg["phase_s"], "warmup_s": cfg["warmup_s"]}
     budget = 60 + len(phases) * (cfg["phase_s"] + cfg["warmup_s"]) * 2
     proc = subprocess.run(
         [sys.executable, __file__, "--loadgen", json.dumps(spec)],
@@ -307,57 +332,101 @@ def _machine() -> dict[str, Any]:
 
     from fnserver.exec._engine import engine_settings
 
-    load = os.getloadavg()
     return {
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "wasmtime": importlib.metadata.version("wasmtime"),
-        "loadavg_at_start": [round(x, 2) for x in load],
+        "loadavg_at_start": _loadavg(),
         "engine": engine_settings(),
+        "code": _code_version(),
     }
 
 
+def _code_version() -> dict[str, Any]:
+    """The commit measured, and the files of the working tree that differ from it."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "fnserver",
+                                        "client").splitlines()]
+    return {"commit": git("rev-parse", "HEAD").strip() or None, "uncommitted": changed}
+
+
+def _loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+TARGETS = {
+    "throughput_64_vs_floor": ">= 1.0",
+    "throughput_64_8conn_vs_floor": ">= 1.0",
+    "p50_1_vs_2floor_plus_rtt": "<= 1.0",
+}
+
+
 def ratios(result: dict[str, Any]) -> dict[str, float]:
+    """Issue 8's targets, per function.
+
+    ``throughput_64_vs_floor``: calls/s at 64 in flight on one connection / floor calls/s;
+    ``throughput_64_8conn_vs_floor``: the same over 8 connections;
+    ``p50_1_vs_2floor_plus_rtt``: p50 at 1 in flight / (2 x floor p50 + ping p50).
+    """
     server, fl = result["server"], result["floor"]
     rtt = server["ping@1"]["p50_us"]
     out: dict[str, float] = {}
-    for key in ("c", "go"):
+    for key in FUNCTIONS:
         out[f"{key}_throughput_64_vs_floor"] = round(
             server[f"{key}@64"]["per_s"] / fl[key]["per_s"], 3)
+        out[f"{key}_throughput_64_8conn_vs_floor"] = round(
+            server[f"{key}@64/8conn"]["per_s"] / fl[key]["per_s"], 3)
         out[f"{key}_p50_1_vs_2floor_plus_rtt"] = round(
             server[f"{key}@1"]["p50_us"] / (2 * fl[key]["p50_us"] + rtt), 3)
     return out
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"\nfnserver invoke bench ({result['mode']}, {result['machine']['cpus']} CPUs, "
-          f"{result['workers']} workers, load avg at start "
-          f"{result['machine']['loadavg_at_start'][0]})")
-    head = (f"{'':14}{'calls/s':>10}{'p50 us':>10}{'p99 us':>10}"
+    m = result["machine"]
+    print(f"\nfnserver invoke bench ({result['mode']}, {m['cpus']} CPUs, {result['workers']} "
+          f"workers, load avg {m['loadavg_at_start'][0]} at start, "
+          f"{result['loadavg_at_end'][0]} at end)")
+    head = (f"{'':20}{'in flight':>10}{'conns':>6}{'calls/s':>9}{'p50 us':>9}{'p99 us':>9}"
             f"{'client cpu':>12}{'server cpu':>12}")
     print(head)
     print("-" * len(head))
-    for key in ("c", "go"):
+
+    def row(label: str, s: dict[str, Any], inflight: str, conns: str, mark: str = "") -> None:
+        cpu = ""
+        if "client_cpu_us_per_call" in s:
+            cpu = (f"{s['client_cpu_us_per_call']:>10.1f}us"
+                   f"{s['server_cpu_us_per_call']:>10.1f}us")
+        print(f"{label:20}{inflight:>10}{conns:>6}{s['per_s']:>9.0f}{s['p50_us']:>9.1f}"
+              f"{s['p99_us']:>9.1f}{cpu}{mark}")
+
+    row("ping (server)", result["server"]["ping@1"], "1", "1")
+    for key in FUNCTIONS:
         for when, runs in result["floor_runs"].items():
             f = runs[key]
-            mark = " *" if f is result["floor"][key] else ""
-            print(f"{key + ' floor ' + when:14}{f['per_s']:>10.0f}{f['p50_us']:>10.1f}"
-                  f"{f['p99_us']:>10.1f}{mark}")
-    for name, s in result["server"].items():
-        print(f"{'server ' + name:14}{s['per_s']:>10.0f}{s['p50_us']:>10.1f}{s['p99_us']:>10.1f}"
-              f"{s['client_cpu_us_per_call']:>10.1f}us{s['server_cpu_us_per_call']:>10.1f}us")
-    print("\n* the floor the ratios use (the faster run)")
-    print("ratios (targets: throughput_64_vs_floor >= 1.0, p50_1_vs_2floor_plus_rtt <= 1.0)")
-    for k, v in result["ratios"].items():
-        print(f"  {k:34}{v:>8.3f}")
+            row(f"{key} floor {when}", f, "1", "-", " *" if f is result["floor"][key] else "")
+        for suffix, inflight, conns in SHAPES:
+            row(f"{key} fnserver", result["server"][key + suffix], str(inflight), str(conns))
+    print("\n* the floor the ratios use (the faster of the two runs)")
+    r = result["ratios"]
+    print(f"\n{'ratio (target)':40}" + "".join(f"{key:>8}" for key in FUNCTIONS))
+    for name, target in TARGETS.items():
+        print(f"{name + ' (' + target + ')':40}"
+              + "".join(f"{r[f'{key}_{name}']:>8.3f}" for key in FUNCTIONS))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="short phases (~40 s in all)")
+    g.add_argument("--quick", action="store_true", help="short phases (~45 s in all)")
     g.add_argument("--smoke", action="store_true",
-                   help="tiny phases and a WAT module: checks the plumbing, not the speed")
+                   help="tiny phases and the WAT echo in every slot: checks the plumbing, "
+                        "not the speed (a few seconds; run by tests/test_bench.py)")
     g.add_argument("--loadgen", metavar="SPEC", help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, default=None, help="server workers (default: 1 per CPU)")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/)")
@@ -374,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     # The floor runs alone on the machine (no server), before and after the server phases:
     # these shared machines drift by tens of percent within a minute, and the ratios use the
     # faster of the two floors, so drift can only make the server look worse.
+    result: dict[str, Any] = {"mode": mode, "machine": _machine(), "functions": FUNCTIONS}
     before = {key: floor(wasm, cfg["floor_s"]) for key, wasm in modules.items()}
-    result: dict[str, Any] = {"mode": mode, "machine": _machine()}
     server = Server(a.workers)
     try:
         asyncio.run(_register(server.address, modules))
@@ -390,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["workers"] = a.workers or os.cpu_count()
     result["ratios"] = ratios(result)
+    result["loadavg_at_end"] = _loadavg()
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     out = a.out or RESULTS / time.strftime(f"invoke-{mode}-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)

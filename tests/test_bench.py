@@ -23,15 +23,20 @@ def test_invoke_bench_smoke(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["server"]) == {"ping@1", "c@1", "c@64", "go@1", "go@64"}
+    functions = ("wat", "c", "go")
+    shapes = ("@1", "@64", "@64/8conn")
+    assert set(result["server"]) == {"ping@1"} | {f + s for f in functions for s in shapes}
     for phase in result["server"].values():
-        assert phase["calls"] > 0 and phase["p99_us"] >= phase["p50_us"] > 0
-    assert set(result["ratios"]) == {
-        "c_throughput_64_vs_floor",
-        "c_p50_1_vs_2floor_plus_rtt",
-        "go_throughput_64_vs_floor",
-        "go_p50_1_vs_2floor_plus_rtt",
-    }
+        assert phase["calls"] > 0 and phase["per_s"] > 0
+        assert phase["p99_us"] >= phase["p50_us"] > 0
+    assert result["server"]["c@64/8conn"]["connections"] == 8
+    assert result["server"]["c@64"]["in_flight"] == 64
+    for runs in result["floor_runs"].values():
+        assert set(runs) == set(functions)
+        assert all(r["per_s"] > 0 and r["p50_us"] > 0 for r in runs.values())
+    targets = ("throughput_64_vs_floor", "throughput_64_8conn_vs_floor",
+               "p50_1_vs_2floor_plus_rtt")
+    assert set(result["ratios"]) == {f"{f}_{t}" for f in functions for t in targets}
     assert all(v > 0 for v in result["ratios"].values())
     assert b"ratios" in proc.stdout
 

@@ -388,11 +388,14 @@ class ExecPool:
             raise InternalError(f"the worker refused the call: {reply!r}")
         if module is not None:
             self._sched.note_warm(call.worker, module.name)
+        wall_us = (time.perf_counter_ns() - t0) // 1000
+        # Seen from here, a pipelined call "starts" when the reply before it is read, which
+        # under load is after the worker really started it: never report more queue time than
+        # the wall time leaves beside the guest's own run (PROTOCOL.md §5.8: queue + run <= wall).
+        queue_us = max(0, call.started_ns - t0) // 1000
+        queue_us = max(0, min(queue_us, wall_us - reply.result.duration_us))
         return dataclasses.replace(
-            reply.result,
-            version=job.version,
-            queue_us=max(0, call.started_ns - t0) // 1000,
-            wall_us=(time.perf_counter_ns() - t0) // 1000,
+            reply.result, version=job.version, queue_us=queue_us, wall_us=wall_us
         )
 
     def stats(self) -> dict[str, Any]:

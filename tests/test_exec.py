@@ -183,19 +183,19 @@ async def test_memory_grow_hits_limit(pool: ExecPool, tmp_path: Path) -> None:
         await pool.invoke(wasm_fn(tmp_path, "grow", wf.grow_forever()).job(memory_mb=16))
 
 
-async def test_guest_asleep_in_host_call_is_killed(pool: ExecPool, tmp_path: Path) -> None:
-    sleepy = wasm_fn(tmp_path, "sleepy", wf.sleep(30))
+async def test_guest_asleep_in_host_call_is_stopped_at_its_deadline(pool: ExecPool, tmp_path: Path) -> None:
+    sleepy = wasm_fn(tmp_path, "sleepy", wf.sleep(3600))
     echo = wasm_fn(tmp_path, "echo", wf.echo())
     await pool.precompile(sleepy.artifact, sleepy.digest)
     pids = set(pool.stats()["pids"])
-    # Asleep for 30 s in poll_oneoff, which epoch interruption cannot stop: a timeout (and
-    # not a result after 30 s) shows the parent's wall clock ended it, by killing the worker.
-    with pytest.raises(FunctionTimeoutError):
+    # Asleep for an hour in poll_oneoff, which epoch interruption cannot stop: fnserver's own
+    # poll_oneoff honours the call's deadline, so the call times out and its worker lives.
+    with pytest.raises(FunctionTimeoutError) as exc:
         await pool.invoke(sleepy.job(timeout_ms=300))
-    assert not pids <= set(pool.stats()["pids"])
-    # The killed worker is replaced; the pool keeps serving.
+    assert exc.value.details["timeout_ms"] == 300
+    assert set(pool.stats()["pids"]) == pids
     assert (await pool.invoke(echo.job(input=b"x"))).output == b"x"
-    await until(lambda: len(pool.stats()["pids"]) == 2, "the replacement worker")
+    assert set(pool.stats()["pids"]) == pids
 
 
 async def test_deep_recursion_traps(pool: ExecPool, tmp_path: Path) -> None:
@@ -466,7 +466,7 @@ async def test_longer_calls_wait_in_the_pool_not_in_a_worker(tmp_path: Path) -> 
         await asyncio.gather(*calls)
 
 
-async def test_call_pipelined_behind_a_timeout_is_retried(tmp_path: Path) -> None:
+async def test_call_pipelined_behind_a_timeout_runs_next(tmp_path: Path) -> None:
     fast = wasm_fn(tmp_path, "fast", wf.echo())
     slow = wasm_fn(tmp_path, "slow", wf.sleep(30))
     # Pipelining decided by LOOSE thresholds, not by how fast a warm echo ran on a loaded
@@ -474,8 +474,9 @@ async def test_call_pipelined_behind_a_timeout_is_retried(tmp_path: Path) -> Non
     async with open_pool(tmp_path, 1, policy=LOOSE) as p:
         await p.precompile(slow.artifact, slow.digest)
         # Both jobs count as function "f": its history says short, so the second call is
-        # queued inside the worker behind the first, which then overruns and is killed.
+        # queued inside the worker behind the first, which then overruns its deadline.
         await p.invoke(fast.job(name="f", input=b"warm"))
+        pid = p.stats()["pids"]
         order: list[str] = []
         sleeper = asyncio.ensure_future(p.invoke(slow.job(name="f", version=2, timeout_ms=300)))
         sleeper.add_done_callback(lambda _: order.append("sleeper"))
@@ -486,9 +487,30 @@ async def test_call_pipelined_behind_a_timeout_is_retried(tmp_path: Path) -> Non
         assert p.stats()["queued"] == 0
         with pytest.raises(FunctionTimeoutError):
             await sleeper
-        r = await behind  # never started in the dead worker: retried in its replacement
+        r = await behind  # run by the same worker, right after the sleeper's deadline
         assert r.output == b"still here"
+        await yield_until(lambda: len(order) == 2, "both done callbacks")
         assert order == ["sleeper", "behind"]
+        assert p.stats()["pids"] == pid
+
+
+async def test_call_pipelined_behind_a_dead_worker_is_retried(tmp_path: Path) -> None:
+    fast = wasm_fn(tmp_path, "fast", wf.echo())
+    slow = wasm_fn(tmp_path, "slow", wf.sleep(3600))
+    async with open_pool(tmp_path, 1, policy=LOOSE) as p:
+        await p.precompile(slow.artifact, slow.digest)
+        await p.invoke(fast.job(name="f", input=b"warm"))
+        [pid] = p.stats()["pids"]
+        sleeper = asyncio.ensure_future(p.invoke(slow.job(name="f", version=2, timeout_ms=60_000)))
+        await yield_until(lambda: p.stats()["running"] == {"f": 1}, "the sleeper to run")
+        behind = asyncio.ensure_future(p.invoke(fast.job(name="f", input=b"still here")))
+        await yield_until(lambda: p.stats()["running"] == {"f": 2}, "a call pipelined behind")
+        os.kill(pid, signal.SIGKILL)  # the worker dies under the sleeper (a crash, an operator)
+        with pytest.raises(InternalError, match="died"):
+            await sleeper
+        # The call behind it never started in the dead worker: retried in its replacement.
+        assert (await behind).output == b"still here"
+        assert p.stats()["pids"] != [pid]
 
 
 async def test_cancelling_a_pipelined_call_spares_the_running_one(tmp_path: Path) -> None:

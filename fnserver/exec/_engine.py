@@ -61,8 +61,9 @@ def engine_settings(fuel: bool = False) -> dict[str, Any]:
     has its own compiled file in the module cache.
     """
     settings: dict[str, Any] = {
-        # Epoch interruption stops CPU loops (trap INTERRUPT) at a few ns per loop back-edge;
-        # it cannot stop a guest asleep in poll_oneoff, so the parent also kills on wall time.
+        # Epoch interruption stops CPU loops (trap INTERRUPT) at a few ns per loop back-edge.
+        # It cannot stop a guest asleep in a host call: the waiting WASI calls are fnserver's
+        # own (_wasi.py) and end at the same deadline with the same trap.
         "epoch_interruption": True,
         "memory_reservation": 4 * GiB,
         "memory_guard_size": 32 * MiB,

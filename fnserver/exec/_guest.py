@@ -20,6 +20,8 @@ import wasmtime
 from wasmtime import _bindings as _b
 from wasmtime import _ffi
 
+from ._wasi import thread_deadline
+
 __all__ = ["GuestRun", "run_guest"]
 
 _NO_FINALIZER: Final = ctypes.CFUNCTYPE(None, ctypes.c_void_p)()
@@ -95,8 +97,17 @@ def run_guest(
     memory_limit: int,
     deadline_ticks: int,
     fuel: int | None,
+    timeout_ns: int | None = None,
+    waits: bool = True,
 ) -> GuestRun:
-    """Instantiate ``pre`` in a fresh Store and run ``_start``; never raises for guest faults."""
+    """Instantiate ``pre`` in a fresh Store and run ``_start``; never raises for guest faults.
+
+    ``timeout_ns`` is the deadline of fnserver's own waiting WASI calls (``_wasi.py``), for
+    a linker that has them, counted from the guest's start (None: they wait as long as the
+    guest asks). CPU loops are stopped by ``deadline_ticks`` of the engine's epoch.
+    ``waits=False`` skips that bookkeeping, for a module that imports none of those calls
+    (``_wasi.imports_waits``).
+    """
     store = _b._wasmtime_store_new(engine.ptr(), None, _NO_FINALIZER)
     run = GuestRun(store, False, 0, None, 0, None)
     try:
@@ -105,6 +116,10 @@ def run_guest(
         err = _b._wasmtime_context_set_wasi(ctx, _wasi(args, stdin, stdout_path, stderr_path))
         if err:
             raise wasmtime.WasmtimeError._from_ptr(err)
+        if waits:
+            # Right after the WASI context (so the guest's monotonic clock) exists: the
+            # waiting calls read absolute monotonic times against this instant.
+            thread_deadline().start(timeout_ns)
         _b._wasmtime_context_set_epoch_deadline(ctx, deadline_ticks)
         if fuel is not None:
             err = _b._wasmtime_context_set_fuel(ctx, fuel)

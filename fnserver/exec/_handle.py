@@ -339,7 +339,9 @@ class WorkerHandle:
 
     def _overrun(self) -> None:
         self._timer = None
-        # The parent's wall clock: the only limit a guest asleep in a host call cannot ignore.
+        # The parent's wall clock, a backstop: guests are stopped in the worker (epoch for CPU,
+        # fnserver's own poll_oneoff for waits), so this fires only for a worker that stopped
+        # answering (a wasmtime bug, a stuck native spawn).
         self.kill(TimeoutError())
 
     def submit(self, ticket: Ticket[Any], frame: bytes, timeout_s: float) -> Call:

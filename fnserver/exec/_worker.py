@@ -49,6 +49,7 @@ from ._cachefile import ModuleMismatch, open_verified
 from ._engine import EPOCH_TICK_S, engine_key, make_engine
 from ._guest import GuestRun, run_guest
 from ._sandbox import WORKER_FSIZE, SandboxInfo, kill_descendants, setup_worker
+from ._wasi import CallDeadline, imports_waits, install_waits, thread_deadline
 from ._wire import (
     PIPE_MAX_FRAME,
     Loading,
@@ -86,6 +87,8 @@ class _Ready:
     pre: wasmtime.InstancePre
     module: wasmtime.Module
     size: int
+    #: It imports poll_oneoff or sched_yield, so its calls need their deadline set up.
+    waits: bool
 
 
 class _Engine:
@@ -96,6 +99,10 @@ class _Engine:
         self.engine = make_engine(fuel)
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
+        # poll_oneoff and sched_yield become fnserver's own: a guest asleep in them ends at
+        # its deadline (an INTERRUPT trap, as an epoch deadline raises) instead of holding
+        # the worker until the pool kills it.
+        install_waits(self.linker)
         self.key = engine_key(fuel)
 
 
@@ -140,6 +147,9 @@ class Worker:
         self._wake = threading.Event()
         self._cap = 0
         self._deadline_ticks = 0
+        # The deadline of the waiting host calls on the thread running guests; the ticker
+        # cancels their waits when the guest floods its output.
+        self._call: CallDeadline = thread_deadline()
         self.flooded = False
         self._ticker = threading.Thread(target=self._tick, name="epoch-ticker", daemon=True)
         self._ticker.start()
@@ -254,7 +264,7 @@ class Worker:
         except wasmtime.WasmtimeError as exc:
             raise InvalidArgumentError(f"not a WASI command: {exc}") from None
         self.send(Loading(done=True))
-        ready = _Ready(pre, module, size)
+        ready = _Ready(pre, module, size, imports_waits(module))
         self._remember(req.module, ready)
         return ready
 
@@ -281,6 +291,7 @@ class Worker:
             if over:
                 # RLIMIT_FSIZE already makes further writes fail; stop the guest now.
                 self.flooded = True
+                self._call.cancel()  # a guest asleep in poll_oneoff stops too
                 for _ in range(self._deadline_ticks + 2):
                     engine.increment_epoch()
 
@@ -312,6 +323,7 @@ class Worker:
         ticks = math.ceil(timeout_ms / 1000 / EPOCH_TICK_S) + 1
         self._release_store()  # normally done already, right after the previous reply
         self._cap, self._deadline_ticks, self.flooded = cap, ticks, False
+        self._call = thread_deadline()  # run_guest restarts it on this thread
         self._ticking = eng.engine
         # Writes past cap+1 bytes fail with EFBIG (SIGXFSZ is ignored in the worker).
         resource.setrlimit(resource.RLIMIT_FSIZE, (cap + 1, WORKER_FSIZE))
@@ -331,6 +343,8 @@ class Worker:
                 memory_limit=mem_limit,
                 deadline_ticks=ticks,
                 fuel=fuel,
+                timeout_ns=timeout_ms * 1_000_000,
+                waits=ready.waits,
             )
         finally:
             self._guest_running = False

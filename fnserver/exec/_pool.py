@@ -40,10 +40,13 @@ from ._wire import ModuleRejected, RunError, RunOk, RunRequest
 
 __all__ = ["ExecPool"]
 
-#: Past the guest's own deadline (epoch at timeout + one 10 ms tick, or the native kill):
-#: room for Store teardown and the reply before the parent kills the worker.
-GRACE_S: Final = 0.25
-NATIVE_GRACE_S: Final = 1.0
+#: Past the guest's own deadline (epoch at timeout + one 10 ms tick, fnserver's poll_oneoff,
+#: or the native kill): room for Store teardown and the reply before the parent kills the
+#: worker. Guests are stopped inside the worker now, so the parent's kill is a backstop for a
+#: worker that stopped answering; it must not race a worker that is only slow to be
+#: scheduled on a loaded machine (0.25 s did, under a load average of 6 on 2 cores).
+GRACE_S: Final = 2.0
+NATIVE_GRACE_S: Final = 2.0
 START_TIMEOUT_S: Final = 30.0
 #: Worker time around a guest's own run (request decode, Store setup and teardown, reply).
 WORKER_OVERHEAD_S: Final = 0.0001

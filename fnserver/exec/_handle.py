@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-import fnserver
-
 from ..protocol import FnError, FrameDecoder
 from ._policy import Ticket
+from ._sandbox import child_env
 from ._wire import (
     PIPE_MAX_FRAME,
     Loading,
@@ -192,7 +191,6 @@ class WorkerHandle:
         self.scratch = Path(tempfile.mkdtemp(prefix="fnserver-worker-"))
         if uid is not None:
             os.chown(self.scratch, uid, uid)
-        pkg_root = str(Path(fnserver.__file__).resolve().parent.parent)
         uid_arg = [str(uid)] if uid is not None else []
         # Minimal explicit environment; close_fds keeps every server fd out of the worker.
         try:
@@ -205,12 +203,7 @@ class WorkerHandle:
                 close_fds=True,
                 start_new_session=True,
                 cwd="/",
-                env={
-                    "PATH": "/usr/bin:/bin",
-                    "LANG": "C.UTF-8",
-                    "PYTHONPATH": pkg_root,
-                    "PYTHONDONTWRITEBYTECODE": "1",
-                },
+                env=child_env(),
             )
         except BaseException:
             self.remove_scratch()

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import fnserver
-
+from ..artifacts import sha256_file
 from ..protocol import FnError, FrameDecoder, InternalError, InvalidArgumentError, UnavailableError
 from ._cachefile import (
     DIGEST_RE,
@@ -35,6 +34,7 @@ from ._cachefile import (
     parse_module_file_name,
 )
 from ._engine import engine_key
+from ._sandbox import child_env
 from ._wire import PIPE_MAX_FRAME, Compiled, PipeError, RunError, decode
 
 __all__ = ["COMPILE_TIMEOUT_S", "CompiledModule", "ModuleCache"]
@@ -48,7 +48,6 @@ MAX_CWASM: Final = 512 << 20
 #: Temp files older than this in the cache dir are leftovers of a crash.
 STALE_TEMP_S: Final = 3600.0
 _TEMP_PREFIX: Final = ".tmp-"
-_HASH_CHUNK: Final = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +122,7 @@ class ModuleCache:
         key = (str(artifact), st.st_ino, st.st_mtime_ns, st.st_size)
         hit = self._digests.get(key)
         if hit is None:
-            hit = await asyncio.to_thread(_sha256_file, artifact)
+            hit = await asyncio.to_thread(sha256_file, artifact)
             if len(self._digests) > 4096:
                 self._digests.clear()
             self._digests[key] = hit
@@ -218,7 +217,6 @@ class ModuleCache:
     async def _compile(self, artifact: Path, digest: str, fuel: bool) -> bytes:
         """Run the compiler process under the deadline; its one frame, or an FnError."""
         async with self._slots:
-            pkg_root = str(Path(fnserver.__file__).resolve().parent.parent)
             uid = [str(self._compiler_uid)] if self._compiler_uid is not None else []
             self.compiles += 1
             proc = await asyncio.create_subprocess_exec(
@@ -230,12 +228,7 @@ class ModuleCache:
                 close_fds=True,
                 start_new_session=True,
                 cwd="/",
-                env={
-                    "PATH": "/usr/bin:/bin",
-                    "LANG": "C.UTF-8",
-                    "PYTHONPATH": pkg_root,
-                    "PYTHONDONTWRITEBYTECODE": "1",
-                },
+                env=child_env(),
             )
             try:
                 async with asyncio.timeout(self.timeout_s):
@@ -285,9 +278,4 @@ def _parse_compiler_output(out: bytes, status: int | None) -> bytes:
     )
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+

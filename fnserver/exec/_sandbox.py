@@ -32,6 +32,7 @@ import resource
 import signal
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 __all__ = [
@@ -258,3 +259,22 @@ def kill_descendants(info: SandboxInfo, *, startup: bool = False) -> int:
                     os.kill(pid, signal.SIGKILL)
         _reap_all()
     return 64
+
+
+def child_env() -> dict[str, str]:
+    """The whole environment of a worker or compile process: nothing of the server's own
+    (no token, no proxy, no secrets), only what Python needs to import fnserver and fnclient
+    from wherever they are installed."""
+    import fnclient
+
+    import fnserver
+
+    roots = dict.fromkeys(
+        str(Path(pkg.__file__).resolve().parent.parent) for pkg in (fnserver, fnclient) if pkg.__file__
+    )
+    return {
+        "PATH": "/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": os.pathsep.join(roots),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }

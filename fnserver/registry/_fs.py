@@ -72,15 +72,6 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def sha256_file(path: Path) -> str:
-    """The hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def copy_verified(source: Path, target: Path, digest: str) -> None:
     """Copy ``source`` to the new file ``target`` (0644), checking its sha256 on the way.
 

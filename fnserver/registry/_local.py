@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from fnserver.artifacts import ARTIFACT_FILES, META_FILE
+from fnserver.artifacts import ARTIFACT_FILES, META_FILE, sha256_file
 from fnserver.protocol import (
     ALIAS_RE,
     ARTIFACT_KINDS,
@@ -617,7 +617,7 @@ def _complete_digests(doc: dict[str, Any], vdir: Path) -> dict[str, Any] | None:
     for kind in kinds:
         if kind not in digests:
             try:
-                digests[kind] = _fs.sha256_file(vdir / ARTIFACT_FILES[kind])
+                digests[kind] = sha256_file(vdir / ARTIFACT_FILES[kind])
             except OSError as exc:
                 log.warning("ignoring the %s artifact of %s: %s", kind, vdir, exc)
     present = [k for k in kinds if k in digests]

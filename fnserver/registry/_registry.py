@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 
+from fnserver.artifacts import sha256_file
 from fnserver.protocol import (
     ARTIFACT_KINDS,
     MAX_PAGE,
@@ -297,7 +298,7 @@ class Registry:
         files = {k: Path(p) for k, p in artifacts.items()}
         async with self._storage(f"read the artifacts of {name!r}"):
             digests = await asyncio.to_thread(
-                lambda: {k: _fs.sha256_file(p) for k, p in files.items()}
+                lambda: {k: sha256_file(p) for k, p in files.items()}
             )
         draft = meta.to_info(name, 1, _meta.utc_now(), digests)
         doc = _meta.encode(draft)

@@ -17,6 +17,7 @@ from typing import Final
 
 import aiofiles
 
+from ..artifacts import sha256_file
 from ..builder import KINDS, Builder
 from ..config import ServerConfig
 from ..exec import ExecPool
@@ -171,7 +172,7 @@ class RegisterService:
             wasm = built.files.get("wasm")
             if wasm is not None:
                 progress(ProgressEvent("compile", "precompiling the WebAssembly module"))
-                digest = await asyncio.to_thread(_sha256_file, wasm)
+                digest = await asyncio.to_thread(sha256_file, wasm)
                 await self.pool.precompile(wasm, digest)
             o = req.options
             meta = NewVersion(
@@ -195,11 +196,3 @@ class RegisterService:
             raise
         finally:
             await self.registry.discard(staging)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()

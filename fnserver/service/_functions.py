@@ -19,9 +19,15 @@ from ..protocol import (
 from ..registry import Registry
 from ._context import RequestContext
 
-__all__ = ["FunctionService", "fresh"]
+__all__ = ["FunctionService", "catch_up", "fresh"]
 
 T = TypeVar("T")
+
+
+async def catch_up(registry: Registry) -> None:
+    """Apply the change feed if another writer moved the store on (a memory read otherwise)."""
+    if registry.stale():
+        await registry.refresh()
 
 
 async def fresh(registry: Registry, read: Callable[[], T]) -> T:
@@ -32,8 +38,7 @@ async def fresh(registry: Registry, read: Callable[[], T]) -> T:
     moved does the read wait for the change feed. On NOT_FOUND the feed is consulted once more,
     for a write that landed between the check and the read.
     """
-    if registry.stale():
-        await registry.refresh()
+    await catch_up(registry)
     try:
         return read()
     except NotFoundError:
@@ -49,7 +54,7 @@ class FunctionService:
 
     async def list(self, ctx: RequestContext, req: ListRequest) -> ListReply:
         """Every function of the caller's tenant, sorted by name."""
-        await self.registry.refresh()
+        await catch_up(self.registry)
         return self.registry.list()
 
     async def get(self, ctx: RequestContext, req: GetRequest) -> GetReply:
@@ -63,10 +68,10 @@ class FunctionService:
 
     async def delete(self, ctx: RequestContext, req: DeleteRequest) -> DeleteReply:
         """One version, or every version; aliases pointing at them go too."""
-        await self.registry.refresh()
+        await catch_up(self.registry)
         return await self.registry.delete(req.name, req.version)
 
     async def alias(self, ctx: RequestContext, req: AliasRequest) -> AliasReply:
         """Create or move an alias."""
-        await self.registry.refresh()
+        await catch_up(self.registry)
         return await self.registry.set_alias(req.name, req.alias, req.version)

@@ -77,10 +77,10 @@ def engine_settings(fuel: bool = False) -> dict[str, Any]:
         "parallel_compilation": True,
         "cranelift_opt_level": "speed",
         "consume_fuel": False,
+        # Slot counts (total_memories, total_tables, total_core_instances) are given to
+        # make_engine: they do not change compiled code, so a module compiled by an engine
+        # without the pool loads into one with it.
         "pooling": {
-            "total_memories": 1,
-            "total_tables": 1,
-            "total_core_instances": 1,
             "total_stacks": 0,
             "total_component_instances": 0,
             "total_gc_heaps": 0,
@@ -121,8 +121,9 @@ def engine_key(fuel: bool = False) -> str:
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
-def make_engine(fuel: bool = False) -> wasmtime.Engine:
-    """Build the engine from :func:`engine_settings` (worker and compiler side)."""
+def make_engine(fuel: bool = False, *, slots: int = 0) -> wasmtime.Engine:
+    """Build the engine from :func:`engine_settings`: with the pooling allocator holding
+    ``slots`` instances at once when ``slots`` > 0 (calls), on demand otherwise (compiles)."""
     import wasmtime
     from wasmtime import _ffi
 
@@ -131,8 +132,9 @@ def make_engine(fuel: bool = False) -> wasmtime.Engine:
         if key == "async_stack_size":  # no Python property in wasmtime-py 50
             _ffi.wasmtime_config_async_stack_size_set(config.ptr(), value)
         elif key == "pooling":
-            if value is not None:
-                _set_pooling(config, value)
+            if value is not None and slots > 0:
+                totals = ("total_memories", "total_tables", "total_core_instances")
+                _set_pooling(config, {**value, **dict.fromkeys(totals, slots)})
         else:
             setattr(config, key, value)
     return wasmtime.Engine(config)

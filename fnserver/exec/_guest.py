@@ -67,7 +67,9 @@ def _argv(args: tuple[str, ...]) -> tuple[int, ctypes.Array[_CHAR_P]]:
     return hit[0], hit[1]
 
 
-def _wasi(args: tuple[str, ...], data: bytes, stdout: bytes, stderr: bytes) -> ctypes._Pointer:
+def _wasi(
+    args: tuple[str, ...], data: bytes, stdout: bytes | None, stderr: bytes | None
+) -> ctypes._Pointer:
     wasi = _b._wasi_config_new()
     argc, argv = _argv(args)
     _b._wasi_config_set_argv(wasi, argc, argv)
@@ -77,7 +79,10 @@ def _wasi(args: tuple[str, ...], data: bytes, stdout: bytes, stderr: bytes) -> c
         ctypes.memmove(vec.data, data, len(data))
     # Takes ownership of the vector (MEASURED.md): no temp file for stdin.
     _b._wasi_config_set_stdin_bytes(wasi, ctypes.byref(vec))
-    # Opened with O_TRUNC: each call starts from an empty memfd.
+    # Opened with O_TRUNC: each call starts from an empty memfd. Without files (in-process
+    # calls) output goes through fnserver's own fd_write into the call's buffers.
+    if stdout is None or stderr is None:
+        return wasi
     if not _b._wasi_config_set_stdout_file(wasi, stdout) or not _b._wasi_config_set_stderr_file(
         wasi, stderr
     ):
@@ -92,13 +97,15 @@ def run_guest(
     *,
     args: tuple[str, ...],
     stdin: bytes,
-    stdout_path: bytes,
-    stderr_path: bytes,
+    stdout_path: bytes | None,
+    stderr_path: bytes | None,
     memory_limit: int,
     deadline_ticks: int,
     fuel: int | None,
     timeout_ns: int | None = None,
     waits: bool = True,
+    out_cap: int = 0,
+    err_keep: int = 0,
 ) -> GuestRun:
     """Instantiate ``pre`` in a fresh Store and run ``_start``; never raises for guest faults.
 
@@ -106,7 +113,9 @@ def run_guest(
     a linker that has them, counted from the guest's start (None: they wait as long as the
     guest asks). CPU loops are stopped by ``deadline_ticks`` of the engine's epoch.
     ``waits=False`` skips that bookkeeping, for a module that imports none of those calls
-    (``_wasi.imports_waits``).
+    (``_wasi.imports_waits``). With no output paths, output is captured by fnserver's own
+    ``fd_write`` (a linker with ``capture_output``) up to ``out_cap`` / ``err_keep`` bytes, in
+    this thread's :class:`~._wasi.CallDeadline`.
     """
     store = _b._wasmtime_store_new(engine.ptr(), None, _NO_FINALIZER)
     run = GuestRun(store, False, 0, None, 0, None)
@@ -116,10 +125,10 @@ def run_guest(
         err = _b._wasmtime_context_set_wasi(ctx, _wasi(args, stdin, stdout_path, stderr_path))
         if err:
             raise wasmtime.WasmtimeError._from_ptr(err)
-        if waits:
+        if waits or stdout_path is None:
             # Right after the WASI context (so the guest's monotonic clock) exists: the
             # waiting calls read absolute monotonic times against this instant.
-            thread_deadline().start(timeout_ns)
+            thread_deadline().start(timeout_ns, out_cap, err_keep)
         _b._wasmtime_context_set_epoch_deadline(ctx, deadline_ticks)
         if fuel is not None:
             err = _b._wasmtime_context_set_fuel(ctx, fuel)

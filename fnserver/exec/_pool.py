@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +32,13 @@ from ..protocol import (
     encode_frame,
 )
 from ._handle import Call, NotStarted, WorkerDied, WorkerHandle
+from ._inproc import DEFAULT_SLOTS, ModuleRejected, WasmRunner
 from ._modules import COMPILE_TIMEOUT_S, CompiledModule, ModuleCache
 from ._policy import Placement, PolicyConfig, QueueFull, Scheduler, Ticket
 from ._sandbox import claim_uids
 from ._types import InvokeJob
-from ._wire import ModuleRejected, RunError, RunOk, RunRequest
+from ._wire import ModuleRejected as WorkerModuleRejected
+from ._wire import RunError, RunOk, RunRequest
 
 __all__ = ["ExecPool"]
 
@@ -87,6 +89,9 @@ class ExecPool:
         cache_dir: Path,
         policy: PolicyConfig | None = None,
         compile_timeout_s: float = COMPILE_TIMEOUT_S,
+        wasm_slots: int = DEFAULT_SLOTS,
+        wasm_per_function: int | None = None,
+        wasm_in_process: bool = False,
     ) -> None:
         self.size = workers if workers is not None else (os.cpu_count() or 1)
         if self.size < 1:
@@ -102,6 +107,15 @@ class ExecPool:
             )
         self._sched: Scheduler[WorkerHandle, _Waiter] = Scheduler(policy)
         self._compile_timeout_s = compile_timeout_s
+        # Issue 8, in progress: warm wasm calls in this process (_inproc.py). Off by default
+        # until the whole suite passes with it; the workers run wasm meanwhile.
+        self.wasm_in_process = wasm_in_process
+        self.wasm = WasmRunner(
+            cache_dir=self.cache_dir,
+            slots=wasm_slots,
+            per_function=wasm_per_function,
+            max_queue=max_queue,
+        )
         self._modules: ModuleCache | None = None
         self._workers: list[WorkerHandle | None] = [None] * self.size
         self._tasks: set[asyncio.Task[None]] = set()
@@ -139,6 +153,8 @@ class ExecPool:
         except FnError:
             await self.close()
             raise
+        if self.wasm_in_process:
+            self.wasm.start()
         workers = [await self._spawn(i) for i in range(self.size)]
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
@@ -165,6 +181,7 @@ class ExecPool:
                 waiter.payload.fut.set_exception(
                     UnavailableError("the exec pool is shutting down")
                 )
+        await self.wasm.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -208,7 +225,7 @@ class ExecPool:
                     # its reply waited for this loop, which grows with load and would end
                     # pipelining exactly when it helps most.
                     seconds = min(seconds, reply.result.duration_us / 1e6 + WORKER_OVERHEAD_S)
-                elif isinstance(reply, ModuleRejected):
+                elif isinstance(reply, WorkerModuleRejected):
                     seconds = None  # nothing ran
         self._carry_out(self._sched.finished(worker, call.ticket, seconds))
 
@@ -304,7 +321,7 @@ class ExecPool:
             raise
 
     @staticmethod
-    async def _wait(call: Call) -> RunOk | RunError | ModuleRejected:
+    async def _wait(call: Call) -> RunOk | RunError | WorkerModuleRejected:
         try:
             return await call.fut
         except asyncio.CancelledError:
@@ -347,6 +364,8 @@ class ExecPool:
         ):
             raise InvalidArgumentError(f"fuel must be an integer from 1 to {MAX_FUEL}, got {fuel!r}")
         t0 = time.perf_counter_ns()
+        if job.mode == "wasm" and self.wasm_in_process:
+            return await self._invoke_wasm(job, t0)
         module = await self._module(job) if job.mode == "wasm" else None
         timeout_s = lim.timeout_ms / 1000 + (GRACE_S if job.mode == "wasm" else NATIVE_GRACE_S)
         for _attempt in range(NOT_STARTED_RETRIES + 1):
@@ -375,7 +394,7 @@ class ExecPool:
                 ) from None
             except WorkerDied as exc:
                 raise self._died(exc, f"the call to {job.function!r}") from None
-            if isinstance(reply, ModuleRejected) and module is not None:
+            if isinstance(reply, WorkerModuleRejected) and module is not None:
                 # The cached file changed after it was written: never loaded; compile anew.
                 self._cache().reject(module)
                 module = await self._module(job)
@@ -401,6 +420,19 @@ class ExecPool:
             reply.result, version=job.version, queue_us=queue_us, wall_us=wall_us
         )
 
+    async def _invoke_wasm(self, job: InvokeJob, t0: int) -> InvokeResult:
+        """A wasm call runs in this process (``_inproc.py``), its module from the cache."""
+        module = await self._module(job)
+        try:
+            result = await self.wasm.run(job, module)
+        except ModuleRejected:
+            # The cached file changed after it was written: never loaded; compile anew.
+            self._cache().reject(module)
+            result = await self.wasm.run(job, await self._module(job))
+        wall_us = (time.perf_counter_ns() - t0) // 1000
+        queue_us = max(0, wall_us - result.duration_us)
+        return dataclasses.replace(result, version=job.version, queue_us=queue_us, wall_us=wall_us)
+
     def stats(self) -> dict[str, Any]:
         """Counters for monitoring and tests."""
         live = [w for w in self._workers if w is not None and not w.dead]
@@ -408,11 +440,13 @@ class ExecPool:
             "workers": self.size,
             "idle": self._sched.idle,
             "queued": self._sched.queued,
-            "running": self._sched.running(),
+            # Per function: native calls in workers and wasm calls in this process.
+            "running": dict(Counter(self._sched.running()) + Counter(self.wasm.running())),
             "pids": [w.pid for w in live],
             "sandbox": [w.info.as_dict() for w in live if w.info is not None],
             "modules": len(self._modules) if self._modules is not None else 0,
             "compiles": self._modules.compiles if self._modules is not None else 0,
+            "wasm": self.wasm.stats(),
         }
 
 

@@ -48,7 +48,7 @@ import wasmtime
 from wasmtime import _bindings as _b
 from wasmtime import _ffi
 
-__all__ = ["CallDeadline", "imports_waits", "install_waits", "thread_deadline"]
+__all__ = ["CallDeadline", "fd_write", "imports_waits", "install_waits", "thread_deadline"]
 
 # WASI preview1 constants (witx: typenames.witx).
 ERRNO_SUCCESS: Final = 0
@@ -73,6 +73,8 @@ _SUB_FD: Final = struct.Struct("<I")
 EVENT_SIZE: Final = 32
 _EVENT: Final = struct.Struct("<QHB5xQH6x")
 _U32: Final = struct.Struct("<I")
+#: ciovec (8 bytes): buf u32, buf_len u32.
+_IOVEC: Final = struct.Struct("<II")
 #: A guest may pass a huge subscription array: the parse checks the deadline this often.
 _DEADLINE_CHECK_EVERY: Final = 4096
 
@@ -93,24 +95,52 @@ class CallDeadline:
     deadline.
     """
 
-    __slots__ = ("_cancelled", "_event", "deadline_ns", "origin_ns", "timed_out")
+    __slots__ = (
+        "_cancelled",
+        "_event",
+        "deadline_ns",
+        "err",
+        "err_keep",
+        "err_total",
+        "flooded",
+        "origin_ns",
+        "out",
+        "out_cap",
+        "out_total",
+        "timed_out",
+    )
 
     def __init__(self) -> None:
         self.origin_ns = time.monotonic_ns()
         self.deadline_ns: int | None = None
         self.timed_out = False
         self._cancelled = False
+        # The call's output, when fnserver's own fd_write is installed (in-process calls):
+        # stdout up to ``out_cap`` bytes, stderr up to ``err_keep``; ``*_total`` count what
+        # the guest wrote; ``flooded`` records that it wrote past the cap and was stopped.
+        self.out = bytearray()
+        self.err = bytearray()
+        self.out_cap = 0
+        self.err_keep = 0
+        self.out_total = 0
+        self.err_total = 0
+        self.flooded = False
         # Made on the first wait: most threads never wait, and an Event costs a lock and a
         # condition.
         self._event: threading.Event | None = None
 
-    def start(self, timeout_ns: int | None) -> None:
+    def start(self, timeout_ns: int | None, out_cap: int = 0, err_keep: int = 0) -> None:
         """A call starts now: its guest's clock, and its deadline ``timeout_ns`` from now
-        (None: no deadline)."""
+        (None: no deadline); its output is captured up to ``out_cap`` / ``err_keep`` bytes."""
         now = time.monotonic_ns()
         self.origin_ns = now
         self.deadline_ns = None if timeout_ns is None else now + timeout_ns
         self.timed_out = False
+        self.out = bytearray()
+        self.err = bytearray()
+        self.out_cap, self.err_keep = out_cap, min(err_keep, out_cap)
+        self.out_total = self.err_total = 0
+        self.flooded = False
         if self._cancelled:
             self._cancelled = False
             if self._event is not None:
@@ -266,6 +296,45 @@ def poll_oneoff(
     return ERRNO_SUCCESS
 
 
+def fd_write(
+    call: CallDeadline, mem: memoryview, fd: int, iovs: int, n: int, nwritten_ptr: int
+) -> int | None:
+    """WASI ``fd_write`` on stdout/stderr into ``call``'s bounded buffers: the errno, or None
+    when the write takes the guest past its output cap (the guest is stopped; what fitted is
+    kept). Raises :class:`_GuestFault` for a bad pointer.
+
+    Writing past the cap stops the guest rather than failing the write: a guest that ignores
+    write errors would otherwise spin until its deadline. stdout and stderr each count against
+    the cap; stderr is kept up to ``err_keep`` bytes (it is diagnostics)."""
+    if fd not in (1, 2):
+        # A command has no other writable descriptors (no preopens); stdin is not writable.
+        return ERRNO_BADF
+    if iovs % 4 or nwritten_ptr % 4:
+        raise _GuestFault("pointer not aligned")
+    _check(mem, iovs, _IOVEC.size * n)
+    sink, keep = (call.out, call.out_cap) if fd == 1 else (call.err, call.err_keep)
+    total = 0
+    for i in range(n):
+        ptr, length = _IOVEC.unpack_from(mem, iovs + _IOVEC.size * i)
+        _check(mem, ptr, length)
+        room = keep - len(sink)
+        if room > 0 and length:
+            sink += mem[ptr : ptr + min(length, room)]
+        total += length
+    if fd == 1:
+        call.out_total += total
+        over = call.out_total > call.out_cap
+    else:
+        call.err_total += total
+        over = call.err_total > call.out_cap
+    if over:
+        call.flooded = True
+        return None
+    _check(mem, nwritten_ptr, 4)
+    _U32.pack_into(mem, nwritten_ptr, total)
+    return ERRNO_SUCCESS
+
+
 def _past(call: CallDeadline) -> bool:
     if call.cancelled:
         return True
@@ -296,6 +365,27 @@ def _poll_oneoff_cb(
         return _trap(f"poll_oneoff: {exc}")
     except BaseException as exc:  # a bug here must not pass for a successful call
         return _trap(f"poll_oneoff: host error: {exc!r}")
+
+
+@_ffi.wasmtime_func_unchecked_callback_t
+def _fd_write_cb(
+    env: int | None,
+    caller: ctypes._Pointer[_ffi.wasmtime_caller_t],
+    args: ctypes._Pointer[_ffi.wasmtime_val_raw_t],
+    nargs: int,
+) -> int:
+    try:
+        fd, iovs, n, nwritten = (args[i].i32 & 0xFFFFFFFF for i in range(4))
+        call = _current.call
+        errno = fd_write(call, _memory(caller), fd, iovs, n, nwritten)
+        if errno is None:
+            return _interrupt()
+        args[0].i32 = errno
+        return 0
+    except _GuestFault as exc:
+        return _trap(f"fd_write: {exc}")
+    except BaseException as exc:
+        return _trap(f"fd_write: host error: {exc!r}")
 
 
 @_ffi.wasmtime_func_unchecked_callback_t
@@ -339,13 +429,17 @@ def imports_waits(module: wasmtime.Module) -> bool:
 _OWN: Final = frozenset({"poll_oneoff", "sched_yield"})
 
 
-def install_waits(linker: wasmtime.Linker) -> None:
+def install_waits(linker: wasmtime.Linker, *, capture_output: bool = False) -> None:
     """Replace wasmtime's ``poll_oneoff`` and ``sched_yield`` on ``linker`` (which must
-    already hold WASI, from ``define_wasi``). Shadowing is on only for these two."""
+    already hold WASI, from ``define_wasi``), and with ``capture_output`` its ``fd_write``
+    (output into the running call's bounded buffers: in the serving process no per-process
+    file size limit can cap it). Shadowing is on only for these."""
     i32 = wasmtime.ValType.i32()
     linker.allow_shadowing = True
     try:
         _define(linker, "poll_oneoff", wasmtime.FuncType([i32] * 4, [i32]), _poll_oneoff_cb)
         _define(linker, "sched_yield", wasmtime.FuncType([], [i32]), _sched_yield_cb)
+        if capture_output:
+            _define(linker, "fd_write", wasmtime.FuncType([i32] * 4, [i32]), _fd_write_cb)
     finally:
         linker.allow_shadowing = False

@@ -96,7 +96,7 @@ class _Engine:
 
     def __init__(self, fuel: bool) -> None:
         self.fuel = fuel
-        self.engine = make_engine(fuel)
+        self.engine = make_engine(fuel, slots=1)  # one guest at a time
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
         # poll_oneoff and sched_yield become fnserver's own: a guest asleep in them ends at

@@ -1,0 +1,200 @@
+"""Who runs next in the serving process, and where: pure policy for in-process wasm calls.
+
+No asyncio, no threads, no clock of its own: times arrive as arguments, so every rule is a
+plain unit test (tests/test_exec_policy.py).
+
+:class:`Admission` bounds the calls running at once (``slots``: one pooled memory slot and at
+most one guest thread each) and per function (``per_function``). Calls that must wait sit in
+one FIFO per function, and a freed slot goes to the functions in turn (round robin), so a
+function with a thousand calls queued delays a newcomer's call by at most one turn, not a
+thousand. Past ``max_queue`` waiting calls a submit raises :class:`~._policy.QueueFull`.
+
+:class:`InlinePolicy` decides which calls run on the event loop's own thread (no thread
+hand-off: the fast path) and which on a guest thread. Only a function whose recent calls were
+all short runs inline, and an inline call gets a short slice (``_inproc.INLINE_SLICE_TICKS``);
+a call that outlives its slice is stopped and run again from the start on a thread (a fresh
+Store, the same input: a guest has no effect outside its Store), and its function runs on
+threads for ``long_for_s``. So the loop is held at most one slice per function per
+``long_for_s``, however the function behaves.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from ._policy import QueueFull
+
+__all__ = ["Admission", "InlinePolicy", "Waiting"]
+
+P = TypeVar("P")
+
+
+@dataclass(eq=False)
+class Waiting(Generic[P]):
+    """One call: ``key`` is the function it counts against; ``payload`` is the caller's."""
+
+    key: str
+    payload: P
+    admitted: bool = False
+
+
+class Admission(Generic[P]):
+    """Slots, per-function caps and round-robin queues; see the module docstring."""
+
+    def __init__(self, slots: int, per_function: int, max_queue: int) -> None:
+        if slots < 1 or per_function < 1 or max_queue < 0:
+            raise ValueError("slots and per_function must be at least 1, max_queue at least 0")
+        self.slots = slots
+        self.per_function = per_function
+        self.max_queue = max_queue
+        self._running: Counter[str] = Counter()
+        self._total = 0
+        # Functions with waiting calls, in turn order: the next freed slot goes to the first
+        # one that is under its cap, which then moves to the back.
+        self._ring: OrderedDict[str, deque[Waiting[P]]] = OrderedDict()
+        self._queued = 0
+
+    @property
+    def running(self) -> int:
+        """Calls holding a slot."""
+        return self._total
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a slot."""
+        return self._queued
+
+    def running_by_key(self) -> dict[str, int]:
+        """Calls holding a slot, per function."""
+        return dict(self._running)
+
+    def running_of(self, key: str) -> int:
+        """Calls of ``key`` holding a slot."""
+        return self._running[key]
+
+    def submit(self, key: str, payload: P) -> Waiting[P]:
+        """A new call: admitted at once (``.admitted``) if a slot is free and ``key`` is under
+        its cap and nobody of ``key`` waits, else queued. Raises QueueFull."""
+        call = Waiting(key, payload)
+        if self._total < self.slots and self._running[key] < self.per_function and (
+            key not in self._ring
+        ):
+            self._admit(call)
+            return call
+        if self._queued >= self.max_queue:
+            raise QueueFull(self._queued, self.max_queue)
+        self._ring.setdefault(key, deque()).append(call)
+        self._queued += 1
+        return call
+
+    def finished(self, call: Waiting[P]) -> list[Waiting[P]]:
+        """An admitted call ended: free its slot; return the calls admitted now, in order."""
+        if not call.admitted:
+            return []
+        call.admitted = False
+        self._total -= 1
+        self._running[call.key] -= 1
+        if self._running[call.key] <= 0:
+            del self._running[call.key]
+        return self._pump()
+
+    def withdraw(self, call: Waiting[P]) -> None:
+        """Take a waiting call out (its caller gave up); no-op if it is not waiting."""
+        line = self._ring.get(call.key)
+        if line is None or call.admitted:
+            return
+        try:
+            line.remove(call)
+        except ValueError:
+            return
+        self._queued -= 1
+        if not line:
+            del self._ring[call.key]
+
+    def drain(self) -> list[Waiting[P]]:
+        """Empty every queue (closing); return what waited, oldest function first."""
+        out = [c for line in self._ring.values() for c in line]
+        self._ring.clear()
+        self._queued = 0
+        return out
+
+    def _admit(self, call: Waiting[P]) -> None:
+        call.admitted = True
+        self._total += 1
+        self._running[call.key] += 1
+
+    def _pump(self) -> list[Waiting[P]]:
+        out: list[Waiting[P]] = []
+        while self._total < self.slots and self._ring:
+            key = next((k for k in self._ring if self._running[k] < self.per_function), None)
+            if key is None:
+                return out  # every waiting function is at its cap
+            line = self._ring[key]
+            call = line.popleft()
+            self._queued -= 1
+            if line:
+                self._ring.move_to_end(key)
+            else:
+                del self._ring[key]
+            self._admit(call)
+            out.append(call)
+        return out
+
+
+@dataclass
+class _Record:
+    short_runs: int = 0
+    thread_until: float = 0.0
+
+
+class InlinePolicy:
+    """Which functions run inline on the event loop's thread; see the module docstring.
+
+    ``short_s``: a call that ran at most this long counts as short. ``after``: consecutive
+    short calls before a function runs inline. ``long_for_s``: how long a function runs on
+    threads after a call of it was not short. ``tracked``: functions remembered (LRU).
+    """
+
+    def __init__(
+        self,
+        *,
+        short_s: float = 0.002,
+        after: int = 3,
+        long_for_s: float = 10.0,
+        tracked: int = 4096,
+    ) -> None:
+        self.short_s = short_s
+        self.after = after
+        self.long_for_s = long_for_s
+        self.tracked = tracked
+        self._seen: OrderedDict[str, _Record] = OrderedDict()
+
+    def inline(self, key: str, now: float) -> bool:
+        """True if the next call of ``key`` may run inline."""
+        rec = self._seen.get(key)
+        return rec is not None and rec.short_runs >= self.after and now >= rec.thread_until
+
+    def note(self, key: str, seconds: float, now: float) -> None:
+        """A call of ``key`` ran ``seconds`` to its end (inline or on a thread)."""
+        rec = self._record(key)
+        if seconds <= self.short_s:
+            rec.short_runs += 1
+        else:
+            rec.short_runs = 0
+            # A call that took long on a thread would hold the loop as long inline.
+            rec.thread_until = max(rec.thread_until, now + self.long_for_s)
+
+    def overran(self, key: str, now: float) -> None:
+        """An inline call of ``key`` outlived its slice: threads only, for a while."""
+        rec = self._record(key)
+        rec.short_runs = 0
+        rec.thread_until = now + self.long_for_s
+
+    def _record(self, key: str) -> _Record:
+        rec = self._seen.pop(key, None) or _Record()
+        self._seen[key] = rec
+        if len(self._seen) > self.tracked:
+            self._seen.popitem(last=False)
+        return rec

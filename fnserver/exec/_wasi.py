@@ -345,6 +345,29 @@ def _past(call: CallDeadline) -> bool:
     return False
 
 
+def _four_i32_call(
+    name: str,
+    impl: Any,
+    caller: ctypes._Pointer[_ffi.wasmtime_caller_t],
+    args: ctypes._Pointer[_ffi.wasmtime_val_raw_t],
+) -> int:
+    """Run ``impl(call, memory, a, b, c, d)`` for a host call taking four i32 and returning
+    an errno (None: stop the guest with INTERRUPT). Never lets an exception out: ctypes
+    would print it and return 0 (success) to wasmtime."""
+    try:
+        # i32 arguments are pointers/sizes: unsigned.
+        a, b, c, d = (args[i].i32 & 0xFFFFFFFF for i in range(4))
+        errno = impl(_current.call, _memory(caller), a, b, c, d)
+        if errno is None:
+            return _interrupt()
+        args[0].i32 = errno
+        return 0
+    except _GuestFault as exc:
+        return _trap(f"{name}: {exc}")
+    except BaseException as exc:  # a bug here must not pass for a successful call
+        return _trap(f"{name}: host error: {exc!r}")
+
+
 @_ffi.wasmtime_func_unchecked_callback_t
 def _poll_oneoff_cb(
     env: int | None,
@@ -352,19 +375,7 @@ def _poll_oneoff_cb(
     args: ctypes._Pointer[_ffi.wasmtime_val_raw_t],
     nargs: int,
 ) -> int:
-    # Never lets an exception out: ctypes would print it and return 0 (success) to wasmtime.
-    try:
-        # i32 arguments are pointers/sizes: unsigned.
-        subs, events, n, nevents = (args[i].i32 & 0xFFFFFFFF for i in range(4))
-        errno = poll_oneoff(_current.call, _memory(caller), subs, events, n, nevents)
-        if errno is None:
-            return _interrupt()
-        args[0].i32 = errno
-        return 0
-    except _GuestFault as exc:
-        return _trap(f"poll_oneoff: {exc}")
-    except BaseException as exc:  # a bug here must not pass for a successful call
-        return _trap(f"poll_oneoff: host error: {exc!r}")
+    return _four_i32_call("poll_oneoff", poll_oneoff, caller, args)
 
 
 @_ffi.wasmtime_func_unchecked_callback_t
@@ -374,18 +385,7 @@ def _fd_write_cb(
     args: ctypes._Pointer[_ffi.wasmtime_val_raw_t],
     nargs: int,
 ) -> int:
-    try:
-        fd, iovs, n, nwritten = (args[i].i32 & 0xFFFFFFFF for i in range(4))
-        call = _current.call
-        errno = fd_write(call, _memory(caller), fd, iovs, n, nwritten)
-        if errno is None:
-            return _interrupt()
-        args[0].i32 = errno
-        return 0
-    except _GuestFault as exc:
-        return _trap(f"fd_write: {exc}")
-    except BaseException as exc:
-        return _trap(f"fd_write: host error: {exc!r}")
+    return _four_i32_call("fd_write", fd_write, caller, args)
 
 
 @_ffi.wasmtime_func_unchecked_callback_t

@@ -5,18 +5,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
 from .config import ServerConfig
+from .protocol import FnError
 
-__all__ = ["main", "parse_args"]
+__all__ = ["Command", "main", "parse_args"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """The parsed command line: the server's settings and how this process takes part."""
+
+    config: ServerConfig
+    #: Serving processes the supervisor starts (``--processes``).
+    processes: int
+    #: Set in a serving process the supervisor started: the pipe to report ready on.
+    ready_fd: int | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     """Turn the command line into a :class:`ServerConfig`."""
+    return parse_command(argv).config
+
+
+def parse_command(argv: list[str] | None = None) -> Command:
+    """Turn the command line into a :class:`Command`."""
     d = ServerConfig()
     p = argparse.ArgumentParser(
         prog="fnserver",
@@ -27,9 +46,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--port", type=int, default=d.port, help=f"TCP port, 0 for any (default {d.port})")
     p.add_argument("--data-dir", type=Path, default=d.data_dir, help="where functions are stored (default ./functions)")
     p.add_argument("--token", default=None, help="shared secret clients must send in HELLO (default: none)")
-    p.add_argument("--workers", type=int, default=None, help="invocation worker processes (default: one per CPU)")
-    p.add_argument("--max-queue", type=int, default=d.max_queue, help=f"invocations that may wait for a worker (default {d.max_queue})")
-    p.add_argument("--per-function", type=int, default=None, help="workers one function may use at once (default: all workers but one, at least 1)")
+    p.add_argument("--processes", type=int, default=None, help="serving processes sharing the port, restarted if they die (default: one per CPU)")
+    p.add_argument("--slots", type=int, default=d.wasm_slots, help=f"wasm calls running at once per serving process (default {d.wasm_slots})")
+    p.add_argument("--slots-per-function", type=int, default=None, help="wasm calls of one function running at once per serving process (default: a quarter of --slots)")
+    p.add_argument("--workers", type=int, default=None, help="native-mode worker processes per serving process (default: the CPUs divided among the serving processes, at least 2)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help=f"invocations that may wait for a slot or a worker, per serving process (default {d.max_queue})")
+    p.add_argument("--per-function", type=int, default=None, help="native workers one function may use at once (default: all workers but one, at least 1)")
     p.add_argument("--max-upload-mb", type=int, default=d.max_upload // (1024 * 1024), help="largest upload in MiB (default 64)")
     p.add_argument("--default-timeout-ms", type=int, default=d.default_timeout_ms, help=f"function time limit when none is set (default {d.default_timeout_ms})")
     p.add_argument("--max-timeout-ms", type=int, default=d.max_timeout_ms, help=f"largest time limit a function may ask for (default {d.max_timeout_ms})")
@@ -41,15 +63,25 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--no-warm", action="store_true", help="do not warm the C toolchain cache at start")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"fnserver {__version__}")
+    # Set by the supervisor for the serving processes it starts (fnserver/supervisor.py).
+    p.add_argument("--serve-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.workers is not None and a.workers < 1:
-        p.error("--workers must be at least 1")
+    for flag in ("workers", "processes", "slots", "slots_per_function", "per_function"):
+        value = getattr(a, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return ServerConfig(
+    processes = a.processes or os.cpu_count() or 1
+    config = ServerConfig(
         host=a.host,
         port=a.port,
         data_dir=a.data_dir,
         token=a.token,
+        processes=processes,
+        wasm_slots=a.slots,
+        wasm_per_function=a.slots_per_function,
+        listen_fd=a.serve_fd,
         workers=a.workers,
         max_queue=a.max_queue,
         per_function=a.per_function,
@@ -63,13 +95,22 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         warm_builds=not a.no_warm,
         build_cache_dir=a.cache_dir,
     )
+    return Command(config, processes, a.ready_fd)
 
 
-async def _serve(config: ServerConfig) -> None:
+async def _serve(config: ServerConfig, ready_fd: int | None) -> None:
     from .server import FnServer
 
-    server = FnServer(config)
-    await server.start()
+    try:
+        server = FnServer(config)
+        await server.start()
+    except (OSError, FnError) as exc:
+        # The operator's to fix (a port in use, a data directory that is not one): one line.
+        logging.getLogger("fnserver").error("cannot start: %s", exc)
+        raise SystemExit(1) from None
+    if ready_fd is not None:
+        os.write(ready_fd, b"r")  # tell the supervisor this serving process is up
+        os.close(ready_fd)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
 
@@ -86,14 +127,21 @@ async def _serve(config: ServerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``fnserver`` console script."""
-    config = parse_args(argv)
+    """Entry point of the ``fnserver`` console script: the supervisor, or (started by it with
+    ``--serve-fd``) one serving process."""
+    cmd = parse_command(argv)
+    config = cmd.config
+    if config.listen_fd is None:
+        from .supervisor import Supervisor
+
+        args = list(sys.argv[1:] if argv is None else argv)
+        sys.exit(Supervisor(config, cmd.processes, args).run())
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
-        asyncio.run(_serve(config))
+        asyncio.run(_serve(config, cmd.ready_fd))
     else:
-        uvloop.run(_serve(config))
+        uvloop.run(_serve(config, cmd.ready_fd))
 
 
 if __name__ == "__main__":

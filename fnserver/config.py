@@ -29,10 +29,20 @@ class ServerConfig:
     default_memory_mb: int = 128
     max_memory_mb: int = 2048
     output_bytes: int = 6 * MiB
-    #: Invocation workers; None means one per CPU.
+    #: Serving processes sharing the port (``fnserver.supervisor``); None means one per CPU.
+    processes: int | None = None
+    #: Native-mode worker processes per serving process; None means the CPUs divided among
+    #: the serving processes, at least 2 (so one stuck function always leaves one free).
     workers: int | None = None
     max_queue: int = 1024
+    #: Native workers one function may use at once; None means all but one, at least 1.
     per_function: int | None = None
+    #: wasm calls running at once per serving process, and per function (None: a quarter).
+    wasm_slots: int = 64
+    wasm_per_function: int | None = None
+    #: A serving process started by the supervisor: the listening socket's descriptor (the
+    #: supervisor's, shared with the processes that came before), instead of binding one.
+    listen_fd: int | None = None
     max_builds: int = 2
     build_timeout_s: float = 120.0
     build_memory_mb: int = 4096

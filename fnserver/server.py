@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
@@ -43,11 +44,14 @@ class FnServer:
             default_timeout_ms=config.default_timeout_ms,
             default_memory_mb=config.default_memory_mb,
         )
+        cpus = os.cpu_count() or 1
         self.pool = ExecPool(
-            workers=config.workers,
+            workers=config.workers or max(2, cpus // (config.processes or cpus)),
             max_queue=config.max_queue,
             per_function=config.per_function,
             cache_dir=config.modules_dir,
+            wasm_slots=config.wasm_slots,
+            wasm_per_function=config.wasm_per_function,
         )
         self.builder = Builder(
             config.cache_dir,
@@ -85,7 +89,10 @@ class FnServer:
         await self.tcp.start()
         if self.config.warm_builds:
             self.spawn(self._warm_builds())
-        log.info("fnserver %s listening on %s (data %s)", __version__, self.address, self.config.data_dir)
+        if self.config.listen_fd is None:
+            log.info("fnserver %s listening on %s (data %s)", __version__, self.address, self.config.data_dir)
+        else:  # the supervisor says "listening" once every serving process is up
+            log.info("serving process %d up on %s", os.getpid(), self.address)
 
     async def _warm_builds(self) -> None:
         try:

@@ -26,8 +26,8 @@ def make(
     return s
 
 
-def t(key: str, name: str = "", warm: str | None = None) -> Ticket[str]:
-    return Ticket(key, warm, name or key)
+def t(key: str, name: str = "") -> Ticket[str]:
+    return Ticket(key, name or key)
 
 
 def placed(ps: list[Placement[str, str]]) -> list[tuple[str, str]]:
@@ -119,13 +119,6 @@ def test_under_cap_calls_go_before_borrowers() -> None:
     # A place frees: echo (under its cap) goes first, although n3 came earlier.
     assert placed(s.finished(p1.worker, n1, MEDIUM)) == [("e", p1.worker)]
     assert placed(s.finished(p2.worker, n2, MEDIUM)) == [("n3", p2.worker)]
-
-
-def test_warm_worker_preferred_when_idle() -> None:
-    s = make(per_function=2)
-    s.note_warm("w0", "mod-a")
-    assert placed(s.submit(t("f", "x", warm="mod-a"))) == [("x", "w0")]
-    assert placed(s.submit(t("g", "y", warm="mod-b"))) == [("y", "w1")]
 
 
 def test_pipelining_short_calls_into_busy_workers() -> None:

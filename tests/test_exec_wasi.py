@@ -24,7 +24,7 @@ import wasmtime
 from fnserver.exec import ExecPool
 from fnserver.exec._engine import make_engine
 from fnserver.exec._guest import run_guest
-from fnserver.exec._wasi import install_waits
+from fnserver.exec._wasi import install_output, install_waits, thread_deadline
 from fnserver.protocol import FunctionTimeoutError
 from tests import wasm_fixtures as wf
 from tests.test_exec import open_pool, wasm_fn
@@ -378,31 +378,27 @@ class _Runner:
 
     def __init__(self) -> None:
         self.engine = make_engine()
+        # Both capture output the same way; only the waiting calls differ.
         self.theirs = wasmtime.Linker(self.engine)
         self.theirs.define_wasi()
+        install_output(self.theirs)
         self.ours = wasmtime.Linker(self.engine)
         self.ours.define_wasi()
         install_waits(self.ours)
+        install_output(self.ours)
 
     def run(self, wasm: bytes, linker: wasmtime.Linker, stdin: bytes = b"in") -> tuple[
         bytes, int, str | None
     ]:
         pre = linker.instantiate_pre(wasmtime.Module(self.engine, wasm))
-        out, err = os.memfd_create("out"), os.memfd_create("err")
-        try:
-            run = run_guest(
-                self.engine, pre, args=("probe",), stdin=stdin,
-                stdout_path=f"/proc/self/fd/{out}".encode(),
-                stderr_path=f"/proc/self/fd/{err}".encode(),
-                memory_limit=1 << 26, deadline_ticks=1 << 40, fuel=None,
-                timeout_ns=10_000 * MS,
-            )
-            failure = None if run.failure is None else type(run.failure).__name__
-            run.close()
-            return os.pread(out, 1 << 20, 0), run.exit_code, failure
-        finally:
-            os.close(out)
-            os.close(err)
+        run = run_guest(
+            self.engine, pre, args=("probe",), stdin=stdin,
+            memory_limit=1 << 26, deadline_ticks=1 << 40, fuel=None,
+            timeout_ns=10_000 * MS, out_cap=1 << 20, err_keep=1 << 20,
+        )
+        failure = None if run.failure is None else type(run.failure).__name__
+        run.close()
+        return bytes(thread_deadline().out), run.exit_code, failure
 
 
 @pytest.fixture(scope="module")

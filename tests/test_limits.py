@@ -186,7 +186,7 @@ async def test_cpu_loop_times_out_while_others_keep_working(
 
     t0 = time.monotonic()
     attack = asyncio.create_task(client.invoke("spin"))
-    await _until(lambda: _running(handle, "spin") == 1, "the loop to hold a worker")
+    await _until(lambda: _running(handle, "spin") == 1, "the loop to run")
     await _echo_calls(client)
     assert not attack.done(), "the echo calls must have run while the loop was spinning"
 
@@ -197,7 +197,6 @@ async def test_cpu_loop_times_out_while_others_keep_working(
     assert info.value.code == "TIMEOUT"
     # Not before its limit (a timeout, not a result, shows it did not run on forever).
     assert timeout_ms / 1000 <= elapsed
-    # The worker that ran the loop is usable again, or was replaced.
     assert (await client.invoke("echo", b"after")).output == b"after"
 
 
@@ -224,18 +223,19 @@ async def test_fuel_budget_stops_a_loop_deterministically(
 async def test_sleep_in_host_call_times_out_at_the_wall_deadline(
     handle: ServerHandle, client: AsyncClient
 ) -> None:
-    # poll_oneoff ignores epoch interruption: only the parent's wall deadline can end it.
+    # Epoch interruption cannot stop a guest asleep in poll_oneoff: fnserver's own
+    # poll_oneoff ends the sleep at the call's deadline.
     await client.register("nap", wf.sleep(60), filename="nap.wasm", timeout_ms=500)
     await _register_echo(client)
     t0 = time.monotonic()
     attack = asyncio.create_task(client.invoke("nap"))
-    await _until(lambda: _running(handle, "nap") == 1, "the sleeper to hold a worker")
+    await _until(lambda: _running(handle, "nap") == 1, "the sleeper to run")
     await _echo_calls(client)
     with pytest.raises(fnclient.FunctionTimeoutError) as info:
         await attack
     elapsed = time.monotonic() - t0
     assert info.value.code == "TIMEOUT"
-    # A timeout at all (not a result after the guest's 60 s) shows the parent's kill ended it.
+    # A timeout at all (not a result after the guest's 60 s) shows the deadline ended it.
     assert 0.5 <= elapsed
     assert (await client.invoke("echo", b"after")).output == b"after"
 
@@ -402,7 +402,7 @@ async def test_worker_killed_mid_call_fails_only_that_call(
 async def test_queue_overflow_is_unavailable_and_queue_time_is_reported(
     started: Callable[..., Awaitable[ServerHandle]],
 ) -> None:
-    h = await started(workers=1, max_queue=2)
+    h = await started(wasm_slots=1, max_queue=2)
     async with AsyncClient(h.address) as client:
         await client.register("nap", wf.sleep(0.5), filename="nap.wasm", timeout_ms=10_000)
         # One call runs, two wait in the queue, the other three are refused at once.
@@ -425,10 +425,10 @@ async def test_queue_overflow_is_unavailable_and_queue_time_is_reported(
         assert (await client.invoke("nap")).exit_code == 0
 
 
-async def test_stuck_function_holds_at_most_one_worker(
+async def test_stuck_function_holds_at_most_one_slot(
     started: Callable[..., Awaitable[ServerHandle]],
 ) -> None:
-    h = await started(workers=2, per_function=1)
+    h = await started(wasm_slots=2, wasm_per_function=1)
     assert h.server is not None
     async with AsyncClient(h.address) as client:
         await client.register("stuck", wf.sleep(60), filename="stuck.wasm", timeout_ms=1500)

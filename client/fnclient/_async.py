@@ -58,10 +58,22 @@ _READ_SIZE: Final = 256 * 1024
 _UPLOAD_OVERHEAD: Final = 128
 _WASM_MAGIC: Final = b"\0asm"
 _LOST: Final = "connection to server lost"
+#: Connection attempts (refused, or lost during HELLO) before connect() gives up, and the
+#: first pause between them (doubled each time).
+CONNECT_ATTEMPTS: Final = 4
+CONNECT_BACKOFF_S: Final = 0.05
 #: A ``get`` of every version stops after this many pages (100 versions each).
 _MAX_PAGES: Final = 10_000
 #: Buffered request bytes past which a caller waits for the transport to drain.
 _WRITE_HIGH_WATER: Final = 1 << 20
+
+
+class _Retryable(Exception):
+    """A connection attempt that failed before anything but HELLO was sent."""
+
+    def __init__(self, error: UnavailableError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(slots=True)
@@ -126,25 +138,17 @@ class AsyncClient:
             target = (
                 f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
             )
-            try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port), self.connect_timeout
-                )
-            except (OSError, TimeoutError) as exc:
-                reason = str(exc) or "timed out"
-                raise UnavailableError(f"cannot connect to {target}: {reason}") from exc
-            decoder = FrameDecoder(DEFAULT_MAX_FRAME)
-            try:
-                hello = await asyncio.wait_for(
-                    self._hello_exchange(reader, writer, decoder), self.connect_timeout
-                )
-            except BaseException as exc:
-                writer.close()
-                if isinstance(exc, TimeoutError) and not isinstance(exc, FnError):
-                    raise UnavailableError(f"no HELLO reply from {target}") from exc
-                if isinstance(exc, OSError):
-                    raise UnavailableError(f"{_LOST} during HELLO: {exc}") from exc
-                raise
+            # Nothing but HELLO is sent before a connection is up, so a connection that fails
+            # here (refused, or reset by a serving process that died) is retried: a server
+            # restarting one of its processes costs a caller a short wait, not an error.
+            for attempt in range(CONNECT_ATTEMPTS):
+                try:
+                    reader, writer, decoder, hello = await self._open(target)
+                    break
+                except _Retryable as exc:
+                    if attempt == CONNECT_ATTEMPTS - 1:
+                        raise exc.error from exc.__cause__
+                    await asyncio.sleep(CONNECT_BACKOFF_S * 2**attempt)  # backoff, not a sync
             max_frame = hello.get("max_frame")
             if isinstance(max_frame, int) and max_frame > 0:
                 decoder.max_frame = max_frame
@@ -153,6 +157,35 @@ class AsyncClient:
             self._reader_task = asyncio.get_running_loop().create_task(
                 self._read_loop(reader, writer, decoder), name=f"fnclient-reader-{target}"
             )
+
+    async def _open(
+        self, target: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, FrameDecoder, dict[str, Any]]:
+        """One connection attempt with its HELLO; :class:`_Retryable` when it may be tried
+        again (the connection failed before the server answered anything)."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port), self.connect_timeout
+            )
+        except OSError as exc:
+            raise _Retryable(UnavailableError(f"cannot connect to {target}: {exc}")) from exc
+        except TimeoutError as exc:
+            raise UnavailableError(f"cannot connect to {target}: timed out") from exc
+        decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+        try:
+            hello = await asyncio.wait_for(
+                self._hello_exchange(reader, writer, decoder), self.connect_timeout
+            )
+        except BaseException as exc:
+            writer.close()
+            if isinstance(exc, TimeoutError) and not isinstance(exc, FnError):
+                raise UnavailableError(f"no HELLO reply from {target}") from exc
+            if isinstance(exc, OSError):
+                raise _Retryable(UnavailableError(f"{_LOST} during HELLO: {exc}")) from exc
+            if isinstance(exc, UnavailableError) and exc.message == f"{_LOST} during HELLO":
+                raise _Retryable(exc) from exc
+            raise
+        return reader, writer, decoder, hello
 
     async def close(self) -> None:
         """Close the connection; pending calls fail with :class:`UnavailableError`. Idempotent."""

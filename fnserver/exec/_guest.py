@@ -1,4 +1,4 @@
-"""One guest run through wasmtime's C API directly (worker side).
+"""One guest run through wasmtime's C API directly.
 
 wasmtime-py's wrappers cost more than the sandbox itself on a tiny call: ``Store``,
 ``WasiConfig`` properties, ``Instance.exports`` (a dict of every export) and ``Func.__call__``
@@ -38,8 +38,7 @@ _argv_cache: OrderedDict[tuple[str, ...], tuple[int, ctypes.Array[_CHAR_P], list
 @dataclass
 class GuestRun:
     """What one run left behind. ``store`` is still alive: the caller reads what it needs,
-    then calls :meth:`close` (the worker does so after sending its reply, since giving the
-    pooled memory back memsets what the guest used)."""
+    then calls :meth:`close` (giving the pooled memory back memsets what the guest used)."""
 
     store: ctypes._Pointer[_ffi.wasmtime_store_t] | None
     instantiated: bool
@@ -67,9 +66,7 @@ def _argv(args: tuple[str, ...]) -> tuple[int, ctypes.Array[_CHAR_P]]:
     return hit[0], hit[1]
 
 
-def _wasi(
-    args: tuple[str, ...], data: bytes, stdout: bytes | None, stderr: bytes | None
-) -> ctypes._Pointer:
+def _wasi(args: tuple[str, ...], data: bytes) -> ctypes._Pointer:
     wasi = _b._wasi_config_new()
     argc, argv = _argv(args)
     _b._wasi_config_set_argv(wasi, argc, argv)
@@ -77,17 +74,9 @@ def _wasi(
     _b._wasm_byte_vec_new_uninitialized(ctypes.byref(vec), len(data))
     if data:
         ctypes.memmove(vec.data, data, len(data))
-    # Takes ownership of the vector (MEASURED.md): no temp file for stdin.
+    # Takes ownership of the vector (MEASURED.md): no temp file for stdin. No output files:
+    # output goes through fnserver's own fd_write into the call's buffers.
     _b._wasi_config_set_stdin_bytes(wasi, ctypes.byref(vec))
-    # Opened with O_TRUNC: each call starts from an empty memfd. Without files (in-process
-    # calls) output goes through fnserver's own fd_write into the call's buffers.
-    if stdout is None or stderr is None:
-        return wasi
-    if not _b._wasi_config_set_stdout_file(wasi, stdout) or not _b._wasi_config_set_stderr_file(
-        wasi, stderr
-    ):
-        _b._wasi_config_delete(wasi)
-        raise OSError("wasmtime could not open the worker's output memfds")
     return wasi
 
 
@@ -97,13 +86,10 @@ def run_guest(
     *,
     args: tuple[str, ...],
     stdin: bytes,
-    stdout_path: bytes | None,
-    stderr_path: bytes | None,
     memory_limit: int,
     deadline_ticks: int,
     fuel: int | None,
     timeout_ns: int | None = None,
-    waits: bool = True,
     out_cap: int = 0,
     err_keep: int = 0,
 ) -> GuestRun:
@@ -111,24 +97,21 @@ def run_guest(
 
     ``timeout_ns`` is the deadline of fnserver's own waiting WASI calls (``_wasi.py``), for
     a linker that has them, counted from the guest's start (None: they wait as long as the
-    guest asks). CPU loops are stopped by ``deadline_ticks`` of the engine's epoch.
-    ``waits=False`` skips that bookkeeping, for a module that imports none of those calls
-    (``_wasi.imports_waits``). With no output paths, output is captured by fnserver's own
-    ``fd_write`` (a linker with ``capture_output``) up to ``out_cap`` / ``err_keep`` bytes, in
-    this thread's :class:`~._wasi.CallDeadline`.
+    guest asks). CPU loops are stopped by ``deadline_ticks`` of the engine's epoch. Output is
+    captured by fnserver's own ``fd_write`` (``_wasi.install_output``) up to ``out_cap`` /
+    ``err_keep`` bytes, in this thread's :class:`~._wasi.CallDeadline`.
     """
     store = _b._wasmtime_store_new(engine.ptr(), None, _NO_FINALIZER)
     run = GuestRun(store, False, 0, None, 0, None)
     try:
         ctx = _b._wasmtime_store_context(store)
         _b._wasmtime_store_limiter(store, memory_limit, -1, -1, -1, -1)
-        err = _b._wasmtime_context_set_wasi(ctx, _wasi(args, stdin, stdout_path, stderr_path))
+        err = _b._wasmtime_context_set_wasi(ctx, _wasi(args, stdin))
         if err:
             raise wasmtime.WasmtimeError._from_ptr(err)
-        if waits or stdout_path is None:
-            # Right after the WASI context (so the guest's monotonic clock) exists: the
-            # waiting calls read absolute monotonic times against this instant.
-            thread_deadline().start(timeout_ns, out_cap, err_keep)
+        # Right after the WASI context (so the guest's monotonic clock) exists: the waiting
+        # calls read absolute monotonic times against this instant.
+        thread_deadline().start(timeout_ns, out_cap, err_keep)
         _b._wasmtime_context_set_epoch_deadline(ctx, deadline_ticks)
         if fuel is not None:
             err = _b._wasmtime_context_set_fuel(ctx, fuel)

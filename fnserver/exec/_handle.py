@@ -21,15 +21,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 from ..protocol import FnError, FrameDecoder
 from ._policy import Ticket
 from ._sandbox import child_env
 from ._wire import (
     PIPE_MAX_FRAME,
-    Loading,
-    ModuleRejected,
     PipeError,
     PipeMessage,
     Ready,
@@ -40,11 +38,7 @@ from ._wire import (
 
 __all__ = ["Call", "NotStarted", "PipeChannel", "WorkerDied", "WorkerHandle", "WorkerListener"]
 
-#: A cold load (hash check + deserialize of a cached module) gets this long; the guest's
-#: own deadline restarts when the module is ready.
-LOAD_BUDGET_S: Final = 30.0
-
-Reply = RunOk | RunError | ModuleRejected
+Reply = RunOk | RunError
 
 
 class WorkerDied(Exception):
@@ -251,12 +245,7 @@ class WorkerHandle:
                 self.ready.set_result(None)
             if not self.dead:
                 self._listener.worker_ready(self)
-        elif isinstance(msg, Loading):
-            # Loading a module does not count against the guest's time: allow the load
-            # budget, then restart the guest's deadline when the module is ready.
-            if self._calls:
-                self._arm(self._calls[0].timeout_s if msg.done else LOAD_BUDGET_S)
-        elif isinstance(msg, RunOk | RunError | ModuleRejected) and self._calls:
+        elif isinstance(msg, RunOk | RunError) and self._calls:
             head = self._calls.popleft()
             if not head.fut.done():  # cancelled while queued: its reply is dropped
                 head.fut.set_result(msg)

@@ -53,7 +53,7 @@ from ._engine import EPOCH_TICK_S, engine_key, make_engine
 from ._guest import GuestRun, run_guest
 from ._modules import CompiledModule
 from ._types import InvokeJob
-from ._wasi import CallDeadline, install_waits, thread_deadline
+from ._wasi import CallDeadline, install_output, install_waits, thread_deadline
 
 __all__ = ["DEFAULT_SLOTS", "ModuleRejected", "WasmRunner"]
 
@@ -96,7 +96,8 @@ class _Engine:
         self.engine = make_engine(fuel, slots=slots)
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
-        install_waits(self.linker, capture_output=True)
+        install_waits(self.linker)
+        install_output(self.linker)
         self.key = engine_key(fuel)
 
 
@@ -346,8 +347,6 @@ class WasmRunner:
                 ready.pre,
                 args=(job.function, *job.args),
                 stdin=job.input,
-                stdout_path=None,
-                stderr_path=None,
                 memory_limit=lim.memory_mb * 1024 * 1024,
                 deadline_ticks=ticks,
                 fuel=lim.fuel,
@@ -359,8 +358,12 @@ class WasmRunner:
             self._calls.discard(call)
         duration_ns = time.perf_counter_ns() - started
         try:
-            if sliced and _interrupted(run) and not call.flooded:
-                raise _Overran
+            if _interrupted(run) and not call.flooded:
+                if self._closed:
+                    # Stopped by close(), not by its own deadline.
+                    raise UnavailableError("the server is shutting down")
+                if sliced:
+                    raise _Overran
             return _result(job, run, call, duration_ns // 1000), duration_ns / 1e9
         finally:
             run.close()

@@ -54,19 +54,16 @@ class PolicyConfig:
     pipeline_max_depth: int = 16
     #: Functions whose recent call time is remembered (an exponential average per function).
     recent_tracked: int = 4096
-    #: Module identities remembered per worker as warm.
-    warm_tracked: int = 64
     #: Weight of the newest sample in the recent-time average.
     recent_weight: float = 0.3
 
 
 @dataclass(eq=False)
 class Ticket(Generic[P]):
-    """One call to place: ``key`` is the function it counts against, ``warm`` the module it
-    would like warm (None: any worker), ``payload`` the caller's own (opaque here)."""
+    """One call to place: ``key`` is the function it counts against, ``payload`` the
+    caller's own (opaque here)."""
 
     key: str
-    warm: str | None
     payload: P
 
 
@@ -90,7 +87,6 @@ class QueueFull(Exception):
 @dataclass(eq=False)
 class _WorkerState(Generic[P]):
     held: deque[Ticket[P]] = field(default_factory=deque)
-    warm: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
 
 class Scheduler(Generic[W, P]):
@@ -162,26 +158,12 @@ class Scheduler(Generic[W, P]):
             self._note_time(held[0].key, head_seconds)
         return held, self._pump()
 
-    def note_warm(self, worker: W, warm: str) -> None:
-        """``worker`` has the module ``warm`` loaded now."""
-        state = self._workers.get(worker)
-        if state is None:
-            return
-        state.warm[warm] = None
-        state.warm.move_to_end(warm)
-        while len(state.warm) > self.config.warm_tracked:
-            state.warm.popitem(last=False)
-
     # -- calls ------------------------------------------------------------------------------
 
     def submit(self, ticket: Ticket[P]) -> list[Placement[W, P]]:
         """Place a call now if it may run, else queue it; :class:`QueueFull` past the bound."""
         if not self._queue and self._may_run(ticket.key, borrow=True):
-            target = (
-                self._pick_idle(ticket.warm)
-                if self._idle
-                else self._pipeline_target(ticket.key, ticket.warm)
-            )
+            target = self._pick_idle() if self._idle else self._pipeline_target(ticket.key)
             if target is not None:
                 return [self._place(ticket, target)]
         if len(self._queue) >= self.config.max_queue:
@@ -246,9 +228,9 @@ class Scheduler(Generic[W, P]):
         limit = self.config.pipeline_max_s
         return self._recent_s.get(key, limit) < limit
 
-    def _pipeline_target(self, key: str, warm: str | None) -> W | None:
+    def _pipeline_target(self, key: str) -> W | None:
         """The busy worker to queue a call of ``key`` in behind the short calls it holds: the
-        one holding fewest, then one with the module warm; None if none may take it."""
+        one holding fewest; None if none may take it."""
         if not self._short(key):
             return None
         cfg = self.config
@@ -261,23 +243,12 @@ class Scheduler(Generic[W, P]):
             recent = [self._recent_s.get(t.key, cfg.pipeline_max_s) for t in state.held]
             if max(recent) >= cfg.pipeline_max_s or sum(recent) >= cfg.pipeline_budget_s:
                 continue
-            if (
-                best is None
-                or n < best_n
-                or (n == best_n and warm is not None and warm in state.warm)
-            ):
+            if best is None or n < best_n:
                 best, best_n = worker, n
         return best
 
-    def _pick_idle(self, warm: str | None) -> W:
-        chosen = self._idle[-1]
-        if warm is not None:
-            for w in reversed(self._idle):
-                if warm in self._workers[w].warm:
-                    chosen = w
-                    break
-        self._idle.remove(chosen)
-        return chosen
+    def _pick_idle(self) -> W:
+        return self._idle.pop()  # the most recently used: its caches are hottest
 
     def _place(self, ticket: Ticket[P], worker: W) -> Placement[W, P]:
         self._workers[worker].held.append(ticket)
@@ -297,7 +268,7 @@ class Scheduler(Generic[W, P]):
                 if not self._may_run(ticket.key, borrow=borrow):
                     continue
                 self._queue.remove(ticket)
-                out.append(self._place(ticket, self._pick_idle(ticket.warm)))
+                out.append(self._place(ticket, self._pick_idle()))
         if self._idle:
             return out
         # Third pass, every worker busy: queue short calls behind short running ones, in FIFO
@@ -305,7 +276,7 @@ class Scheduler(Generic[W, P]):
         for ticket in list(self._queue):
             if not self._may_run(ticket.key, borrow=True):
                 continue
-            target = self._pipeline_target(ticket.key, ticket.warm)
+            target = self._pipeline_target(ticket.key)
             if target is None:
                 break
             self._queue.remove(ticket)

@@ -1,9 +1,10 @@
-"""The parent side: worker processes, the module cache and the scheduler, wired together.
+"""The execution side of the server: wasm in this process, native in worker processes.
 
-:class:`ExecPool` is the composition: it owns the worker handles (``_handle.py``), asks the
-pure :class:`~._policy.Scheduler` where each call goes, makes sure a wasm call's compiled
-module is in the node's cache (``_modules.py``) before dispatching it, and turns pipe
-replies into the protocol's :class:`InvokeResult`.
+:class:`ExecPool` is the composition. A wasm call gets its compiled module from the node's
+cache (``_modules.py``, compiled in a bounded subprocess) and runs in this process on the
+:class:`~._inproc.WasmRunner`. A native call goes to a worker process (``_handle.py``,
+``_worker.py``) chosen by the pure :class:`~._policy.Scheduler`, which spawns the binary under
+per-call limits; pipe replies become the protocol's :class:`InvokeResult`.
 """
 
 from __future__ import annotations
@@ -37,23 +38,19 @@ from ._modules import COMPILE_TIMEOUT_S, CompiledModule, ModuleCache
 from ._policy import Placement, PolicyConfig, QueueFull, Scheduler, Ticket
 from ._sandbox import claim_uids
 from ._types import InvokeJob
-from ._wire import ModuleRejected as WorkerModuleRejected
 from ._wire import RunError, RunOk, RunRequest
 
 __all__ = ["ExecPool"]
 
-#: Past the guest's own deadline (epoch at timeout + one 10 ms tick, fnserver's poll_oneoff,
-#: or the native kill): room for Store teardown and the reply before the parent kills the
-#: worker. Guests are stopped inside the worker now, so the parent's kill is a backstop for a
-#: worker that stopped answering; it must not race a worker that is only slow to be
-#: scheduled on a loaded machine (0.25 s did, under a load average of 6 on 2 cores).
-GRACE_S: Final = 2.0
+#: Past a native call's own deadline (the worker kills the binary at it): room for the reply
+#: before the parent kills the worker. The parent's kill is a backstop for a worker that
+#: stopped answering; it must not race a worker that is only slow to be scheduled on a loaded
+#: machine (0.25 s did, under a load average of 6 on 2 cores).
 NATIVE_GRACE_S: Final = 2.0
 START_TIMEOUT_S: Final = 30.0
 #: Worker time around a guest's own run (request decode, Store setup and teardown, reply).
 WORKER_OVERHEAD_S: Final = 0.0001
-#: A call queued behind one that killed its worker never ran: it is retried this often
-#: (and so is a call whose worker refused a damaged compiled module, after a recompile).
+#: A call queued behind one that killed its worker never ran: it is retried this often.
 NOT_STARTED_RETRIES: Final = 2
 
 _Placement = Placement[WorkerHandle, "_Waiter"]
@@ -69,15 +66,18 @@ class _Waiter:
 
 
 class ExecPool:
-    """Runs invocations in worker processes, never in the server process.
+    """Runs wasm calls in this process and native calls in worker processes.
 
-    ``per_function`` (default ``max(1, workers - 1)``) caps how many workers one function may
-    hold at once, so one hot or stuck function always leaves a worker for the others when
-    there are two or more. Jobs over capacity wait in a FIFO of at most ``max_queue`` entries
-    (a job whose function is at its cap does not block the ones behind it); past that they
-    fail fast with :class:`UnavailableError`. ``cache_dir`` is the node's compiled-module
-    cache (created 0755; workers read it, never write it). ``policy`` overrides the
-    scheduler's knobs (tests, benchmarks); ``compile_timeout_s`` bounds one compile.
+    wasm: ``wasm_slots`` calls run at once, ``wasm_per_function`` (default a quarter of the
+    slots) of one function; up to ``max_queue`` more wait, served round robin across
+    functions (``_admission.py``). Native: ``per_function`` (default ``max(1, workers - 1)``)
+    caps how many workers one function may hold at once, so one hot or stuck function always
+    leaves a worker for the others when there are two or more; up to ``max_queue`` more wait
+    in a FIFO (a job whose function is at its cap does not block the ones behind it). Past the
+    queue both fail fast with :class:`UnavailableError`. ``cache_dir`` is the node's
+    compiled-module cache (created 0755; written only by this process after a compile,
+    never by a worker). ``policy`` overrides the scheduler's knobs (tests, benchmarks);
+    ``compile_timeout_s`` bounds one compile.
     """
 
     def __init__(
@@ -91,7 +91,6 @@ class ExecPool:
         compile_timeout_s: float = COMPILE_TIMEOUT_S,
         wasm_slots: int = DEFAULT_SLOTS,
         wasm_per_function: int | None = None,
-        wasm_in_process: bool = False,
     ) -> None:
         self.size = workers if workers is not None else (os.cpu_count() or 1)
         if self.size < 1:
@@ -107,9 +106,6 @@ class ExecPool:
             )
         self._sched: Scheduler[WorkerHandle, _Waiter] = Scheduler(policy)
         self._compile_timeout_s = compile_timeout_s
-        # Issue 8, in progress: warm wasm calls in this process (_inproc.py). Off by default
-        # until the whole suite passes with it; the workers run wasm meanwhile.
-        self.wasm_in_process = wasm_in_process
         self.wasm = WasmRunner(
             cache_dir=self.cache_dir,
             slots=wasm_slots,
@@ -153,8 +149,7 @@ class ExecPool:
         except FnError:
             await self.close()
             raise
-        if self.wasm_in_process:
-            self.wasm.start()
+        self.wasm.start()
         workers = [await self._spawn(i) for i in range(self.size)]
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
@@ -225,8 +220,6 @@ class ExecPool:
                     # its reply waited for this loop, which grows with load and would end
                     # pipelining exactly when it helps most.
                     seconds = min(seconds, reply.result.duration_us / 1e6 + WORKER_OVERHEAD_S)
-                elif isinstance(reply, WorkerModuleRejected):
-                    seconds = None  # nothing ran
         self._carry_out(self._sched.finished(worker, call.ticket, seconds))
 
     def worker_dead(self, worker: WorkerHandle, calls: list[Call]) -> None:
@@ -292,14 +285,12 @@ class ExecPool:
                 continue
             waiter.fut.set_result(p.worker.submit(p.ticket, waiter.frame, waiter.timeout_s))
 
-    async def _submit(
-        self, key: str, warm: str | None, frame: bytes, timeout_s: float
-    ) -> Call:
+    async def _submit(self, key: str, frame: bytes, timeout_s: float) -> Call:
         """Write a job to a worker now, or queue it until one may take it."""
         if self._closed or not self._started:
             raise UnavailableError("the exec pool is not running")
         fut: asyncio.Future[Call] = asyncio.get_running_loop().create_future()
-        ticket = Ticket(key, warm, _Waiter(frame, timeout_s, fut))
+        ticket = Ticket(key, _Waiter(frame, timeout_s, fut))
         try:
             placements = self._sched.submit(ticket)
         except QueueFull as exc:
@@ -321,7 +312,7 @@ class ExecPool:
             raise
 
     @staticmethod
-    async def _wait(call: Call) -> RunOk | RunError | WorkerModuleRejected:
+    async def _wait(call: Call) -> RunOk | RunError:
         try:
             return await call.fut
         except asyncio.CancelledError:
@@ -364,25 +355,26 @@ class ExecPool:
         ):
             raise InvalidArgumentError(f"fuel must be an integer from 1 to {MAX_FUEL}, got {fuel!r}")
         t0 = time.perf_counter_ns()
-        if job.mode == "wasm" and self.wasm_in_process:
+        if job.mode == "wasm":
             return await self._invoke_wasm(job, t0)
-        module = await self._module(job) if job.mode == "wasm" else None
-        timeout_s = lim.timeout_ms / 1000 + (GRACE_S if job.mode == "wasm" else NATIVE_GRACE_S)
+        return await self._invoke_native(job, t0)
+
+    async def _invoke_native(self, job: InvokeJob, t0: int) -> InvokeResult:
+        """A native call runs in a worker process, which spawns the binary for it."""
+        lim = job.limits
+        request = RunRequest(
+            function=job.function,
+            path=str(job.artifact.absolute()),
+            input=job.input,
+            args=tuple(job.args),
+            timeout_ms=lim.timeout_ms,
+            memory_mb=lim.memory_mb,
+            output_bytes=lim.output_bytes,
+        )
+        frame = encode_frame(request.to_wire())
+        timeout_s = lim.timeout_ms / 1000 + NATIVE_GRACE_S
         for _attempt in range(NOT_STARTED_RETRIES + 1):
-            request = RunRequest(
-                function=job.function,
-                mode=job.mode,
-                module=module.name if module is not None else str(job.artifact.absolute()),
-                module_sha256=module.sha256 if module is not None else "",
-                input=job.input,
-                args=tuple(job.args),
-                timeout_ms=lim.timeout_ms,
-                memory_mb=lim.memory_mb,
-                output_bytes=lim.output_bytes,
-                fuel=fuel,
-            )
-            warm = module.name if module is not None else None
-            call = await self._submit(job.function, warm, encode_frame(request.to_wire()), timeout_s)
+            call = await self._submit(job.function, frame, timeout_s)
             try:
                 reply = await self._wait(call)
             except NotStarted:
@@ -394,11 +386,6 @@ class ExecPool:
                 ) from None
             except WorkerDied as exc:
                 raise self._died(exc, f"the call to {job.function!r}") from None
-            if isinstance(reply, WorkerModuleRejected) and module is not None:
-                # The cached file changed after it was written: never loaded; compile anew.
-                self._cache().reject(module)
-                module = await self._module(job)
-                continue
             break
         else:
             raise UnavailableError(
@@ -406,10 +393,6 @@ class ExecPool:
             )
         if isinstance(reply, RunError):
             raise reply.error()
-        if not isinstance(reply, RunOk):
-            raise InternalError(f"the worker refused the call: {reply!r}")
-        if module is not None:
-            self._sched.note_warm(call.worker, module.name)
         wall_us = (time.perf_counter_ns() - t0) // 1000
         # Seen from here, a pipelined call "starts" when the reply before it is read, which
         # under load is after the worker really started it: never report more queue time than
@@ -439,7 +422,8 @@ class ExecPool:
         return {
             "workers": self.size,
             "idle": self._sched.idle,
-            "queued": self._sched.queued,
+            # Waiting for a worker (native) or a slot (wasm).
+            "queued": self._sched.queued + self.wasm.stats()["queued"],
             # Per function: native calls in workers and wasm calls in this process.
             "running": dict(Counter(self._sched.running()) + Counter(self.wasm.running())),
             "pids": [w.pid for w in live],

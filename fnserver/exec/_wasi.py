@@ -1,4 +1,4 @@
-"""fnserver's own WASI calls that wait: ``poll_oneoff`` and ``sched_yield`` (worker side).
+"""fnserver's own WASI calls: ``poll_oneoff`` and ``sched_yield`` that wait, ``fd_write``.
 
 wasmtime's epoch interruption stops a guest running wasm, but not one asleep inside a host
 call: wasmtime's own ``poll_oneoff`` sleeps for as long as the guest asked (MEASURED.md: 3 s
@@ -48,7 +48,7 @@ import wasmtime
 from wasmtime import _bindings as _b
 from wasmtime import _ffi
 
-__all__ = ["CallDeadline", "fd_write", "imports_waits", "install_waits", "thread_deadline"]
+__all__ = ["CallDeadline", "fd_write", "install_output", "install_waits", "thread_deadline"]
 
 # WASI preview1 constants (witx: typenames.witx).
 ERRNO_SUCCESS: Final = 0
@@ -90,8 +90,7 @@ class CallDeadline:
     One per thread, reused from call to call (:func:`thread_deadline`): ``run_guest`` calls
     :meth:`start` right after the Store's WASI context exists, which fixes the deadline and
     the origin of the guest's monotonic clock and forgets the previous call. :meth:`cancel`
-    ends the running call's waits at once, from any thread (the worker's ticker does so when
-    the guest floods its output). ``timed_out`` records that a wait ended the call at its
+    ends the running call's waits at once, from any thread (the runner does so at close). ``timed_out`` records that a wait ended the call at its
     deadline.
     """
 
@@ -115,7 +114,7 @@ class CallDeadline:
         self.deadline_ns: int | None = None
         self.timed_out = False
         self._cancelled = False
-        # The call's output, when fnserver's own fd_write is installed (in-process calls):
+        # The call's output (fnserver's own fd_write, install_output):
         # stdout up to ``out_cap`` bytes, stderr up to ``err_keep``; ``*_total`` count what
         # the guest wrote; ``flooded`` records that it wrote past the cap and was stopped.
         self.out = bytearray()
@@ -204,7 +203,7 @@ def _trap(message: str) -> int:
 
 
 def _interrupt() -> int:
-    # The trap an epoch deadline raises: the worker maps it to a TIMEOUT whichever stopped
+    # The trap an epoch deadline raises: the runner maps it to a TIMEOUT whichever stopped
     # the guest.
     return ctypes.cast(_b._wasmtime_trap_new_code(_TRAP_INTERRUPT), ctypes.c_void_p).value or 0
 
@@ -417,29 +416,24 @@ def _define(
         raise wasmtime.WasmtimeError._from_ptr(err)
 
 
-def imports_waits(module: wasmtime.Module) -> bool:
-    """True if ``module`` imports a WASI call defined here. A module that does not can run
-    without a :class:`CallDeadline` being started (``run_guest(waits=False)``), which saves
-    about a microsecond per call, measured (a tiny echo's call is ~40 us)."""
-    return any(
-        imp.module == "wasi_snapshot_preview1" and imp.name in _OWN for imp in module.imports
-    )
-
-
-_OWN: Final = frozenset({"poll_oneoff", "sched_yield"})
-
-
-def install_waits(linker: wasmtime.Linker, *, capture_output: bool = False) -> None:
+def install_waits(linker: wasmtime.Linker) -> None:
     """Replace wasmtime's ``poll_oneoff`` and ``sched_yield`` on ``linker`` (which must
-    already hold WASI, from ``define_wasi``), and with ``capture_output`` its ``fd_write``
-    (output into the running call's bounded buffers: in the serving process no per-process
-    file size limit can cap it). Shadowing is on only for these."""
+    already hold WASI, from ``define_wasi``). Shadowing is on only for these."""
     i32 = wasmtime.ValType.i32()
     linker.allow_shadowing = True
     try:
         _define(linker, "poll_oneoff", wasmtime.FuncType([i32] * 4, [i32]), _poll_oneoff_cb)
         _define(linker, "sched_yield", wasmtime.FuncType([], [i32]), _sched_yield_cb)
-        if capture_output:
-            _define(linker, "fd_write", wasmtime.FuncType([i32] * 4, [i32]), _fd_write_cb)
+    finally:
+        linker.allow_shadowing = False
+
+
+def install_output(linker: wasmtime.Linker) -> None:
+    """Replace wasmtime's ``fd_write`` on ``linker``: output goes into the running call's
+    bounded buffers (in the serving process no per-process file size limit can cap it)."""
+    i32 = wasmtime.ValType.i32()
+    linker.allow_shadowing = True
+    try:
+        _define(linker, "fd_write", wasmtime.FuncType([i32] * 4, [i32]), _fd_write_cb)
     finally:
         linker.allow_shadowing = False

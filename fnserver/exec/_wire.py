@@ -6,9 +6,9 @@ Each map carries its type in ``"t"``, so :func:`decode` is one dictionary lookup
 are fnserver's own code, so a malformed message is a bug (or a worker gone wrong): it raises
 :class:`PipeError` and the pool kills the worker, never guesses.
 
-Pool -> worker: :class:`RunRequest`. Worker -> pool: :class:`Ready` once, then per request
-optionally :class:`Loading` notices and exactly one of :class:`RunOk`, :class:`RunError`,
-:class:`ModuleRejected`. Compiler -> pool: one :class:`Compiled` or :class:`RunError`.
+Pool -> worker: :class:`RunRequest` (native calls only: wasm runs in the serving process).
+Worker -> pool: :class:`Ready` once, then per request exactly one of :class:`RunOk` or
+:class:`RunError`. Compiler -> pool: one :class:`Compiled` or :class:`RunError`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, TypeAlias
 
-from ..protocol import ArtifactKind, FnError, InvokeResult, error_from_wire
+from ..protocol import FnError, InvokeResult, error_from_wire
 
 __all__ = [
     "Compiled",
-    "Loading",
-    "ModuleRejected",
     "PipeError",
     "PipeMessage",
     "Ready",
@@ -49,62 +47,44 @@ def _get(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> An
 
 @dataclass(frozen=True, slots=True)
 class RunRequest:
-    """One call for a worker. ``module`` is, for wasm, the file name of the compiled module
-    inside the worker's cache directory (never a path: the worker joins it with the directory
-    it was started with) and ``module_sha256`` what its bytes must hash to; for native,
-    ``module`` is the executable's path and ``module_sha256`` is empty."""
+    """One native call for a worker: ``path`` is the executable (the registry's artifact)."""
 
     TAG: ClassVar[str] = "run"
     function: str
-    mode: ArtifactKind
-    module: str
-    module_sha256: str
+    path: str
     input: bytes
     args: tuple[str, ...]
     timeout_ms: int
     memory_mb: int
     output_bytes: int
-    fuel: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map of this record."""
         return {
             "t": self.TAG,
             "function": self.function,
-            "mode": self.mode,
-            "module": self.module,
-            "module_sha256": self.module_sha256,
+            "path": self.path,
             "input": self.input,
             "args": list(self.args),
             "timeout_ms": self.timeout_ms,
             "memory_mb": self.memory_mb,
             "output_bytes": self.output_bytes,
-            "fuel": self.fuel,
         }
 
     @classmethod
     def from_wire(cls, body: Mapping[str, Any]) -> RunRequest:
         """Rebuild from a decoded map; :class:`PipeError` if a field is wrong."""
-        mode = _get(body, "mode", str)
-        if mode not in ("wasm", "native"):
-            raise PipeError(f"pipe message 'run': bad mode {mode!r}")
         args = _get(body, "args", list)
         if not all(isinstance(a, str) for a in args):
             raise PipeError("pipe message 'run': args must be strings")
-        fuel = body.get("fuel")
-        if fuel is not None and (not isinstance(fuel, int) or isinstance(fuel, bool)):
-            raise PipeError("pipe message 'run': bad 'fuel'")
         return cls(
             function=_get(body, "function", str),
-            mode=mode,
-            module=_get(body, "module", str),
-            module_sha256=_get(body, "module_sha256", str),
+            path=_get(body, "path", str),
             input=_get(body, "input", bytes),
             args=tuple(args),
             timeout_ms=_get(body, "timeout_ms", int),
             memory_mb=_get(body, "memory_mb", int),
             output_bytes=_get(body, "output_bytes", int),
-            fuel=fuel,
         )
 
 
@@ -146,24 +126,6 @@ class Ready:
         """For stats: the same fields as a plain map."""
         return {"uid": self.uid, "subreaper": self.subreaper, "netns": self.netns,
                 "refused": list(self.refused)}
-
-
-@dataclass(frozen=True, slots=True)
-class Loading:
-    """A worker is loading (``done=False``) or has loaded (``done=True``) a module from the
-    cache for the call it is about to run: the loading does not count as the guest's time."""
-
-    TAG: ClassVar[str] = "loading"
-    done: bool
-
-    def to_wire(self) -> dict[str, Any]:
-        """The msgpack map of this record."""
-        return {"t": self.TAG, "done": self.done}
-
-    @classmethod
-    def from_wire(cls, body: Mapping[str, Any]) -> Loading:
-        """Rebuild from a decoded map; :class:`PipeError` if a field is wrong."""
-        return cls(done=_get(body, "done", bool))
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,25 +177,6 @@ class RunError:
 
 
 @dataclass(frozen=True, slots=True)
-class ModuleRejected:
-    """The worker refused the compiled module it was told to load (missing, or its bytes do
-    not hash to what the pool recorded): nothing ran; the pool recompiles and retries."""
-
-    TAG: ClassVar[str] = "rejected"
-    module: str
-    reason: str
-
-    def to_wire(self) -> dict[str, Any]:
-        """The msgpack map of this record."""
-        return {"t": self.TAG, "module": self.module, "reason": self.reason}
-
-    @classmethod
-    def from_wire(cls, body: Mapping[str, Any]) -> ModuleRejected:
-        """Rebuild from a decoded map; :class:`PipeError` if a field is wrong."""
-        return cls(_get(body, "module", str), _get(body, "reason", str))
-
-
-@dataclass(frozen=True, slots=True)
 class Compiled:
     """The compiler's answer: the serialized module (the pool hashes and stores it)."""
 
@@ -250,13 +193,11 @@ class Compiled:
         return cls(_get(body, "cwasm", bytes))
 
 
-PipeMessage: TypeAlias = (
-    RunRequest | Ready | Loading | RunOk | RunError | ModuleRejected | Compiled
-)
+PipeMessage: TypeAlias = RunRequest | Ready | RunOk | RunError | Compiled
 
 _BY_TAG: Final[dict[str, Any]] = {
     cls.TAG: cls
-    for cls in (RunRequest, Ready, Loading, RunOk, RunError, ModuleRejected, Compiled)
+    for cls in (RunRequest, Ready, RunOk, RunError, Compiled)
 }
 
 

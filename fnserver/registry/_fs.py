@@ -72,6 +72,38 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def staging_prefix() -> str:
+    """The name prefix of this process's staging entries: several serving processes share a
+    staging area, and one that starts must not remove what a live sibling is building."""
+    return f"p{os.getpid()}-"
+
+
+def _owner_alive(name: str) -> bool:
+    head = name.split("-", 1)[0]
+    if not (head.startswith("p") and head[1:].isdigit()):
+        return False  # not named by an owner: left by an older layout
+    pid = int(head[1:])
+    if pid == os.getpid():
+        return False  # an earlier process that had our pid: this one just started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_staging(root: Path) -> None:
+    """Remove the staging entries under ``root`` whose owner process is gone."""
+    if not root.exists():
+        return
+    for leftover in root.iterdir():
+        if not _owner_alive(leftover.name):
+            log.info("removing leftover staging entry %s", leftover)
+            remove(leftover)
+
+
 def copy_verified(source: Path, target: Path, digest: str) -> None:
     """Copy ``source`` to the new file ``target`` (0644), checking its sha256 on the way.
 

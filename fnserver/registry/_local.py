@@ -25,8 +25,9 @@ holding those bytes, from a map this store keeps of every version it has loaded.
 Crash safety. Every record is written to a temp file, fsynced and renamed; directories are
 fsynced after a rename. ``put_version`` first burns the number (``function.json`` with the
 next counter) and then renames the version into place: a crash between the two leaves a gap,
-never a reused number. ``open`` removes leftover staging entries and temp files and repairs
-``function.json`` from the version directories (the counter never falls below the highest
+never a reused number. ``open`` removes staging entries of dead processes (each entry's name
+starts with its owner's pid: serving processes share the area) and leftover temp files, and
+repairs ``function.json`` from the version directories (the counter never falls below the highest
 directory + 1; aliases to missing versions are dropped).
 
 Change feed across processes. Every write holds an exclusive ``flock`` on ``.lock`` and, before
@@ -140,10 +141,7 @@ class LocalStore:
     def _open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         with self._locked(exclusive=True):
-            if self.staging_root.exists():
-                for leftover in self.staging_root.iterdir():
-                    log.info("removing leftover staging entry %s", leftover)
-                    _fs.remove(leftover)
+            _fs.sweep_staging(self.staging_root)
             self.staging_root.mkdir(exist_ok=True)
             for name in self._names():
                 for tmp in (self.root / name).glob("*" + _fs.TMP_SUFFIX):
@@ -298,7 +296,7 @@ class LocalStore:
         kinds = [k for k in ARTIFACT_KINDS if k in digests]
         if not kinds:
             raise InternalError(f"could not store a version of {name!r}: it names no artifact")
-        assembly = Path(tempfile.mkdtemp(prefix="v-", dir=self.staging_root))
+        assembly = Path(tempfile.mkdtemp(prefix=_fs.staging_prefix() + "v-", dir=self.staging_root))
         version: int | None = None
         try:
             # Readable by the invocation workers, which run under another uid.
@@ -417,7 +415,9 @@ class LocalStore:
             gone: list[int] = []
             failure: OSError | None = None
             for v in record.versions if version is None else [version]:
-                grave = self.staging_root / f"deleted-{name}-{v}-{secrets.token_hex(6)}"
+                grave = self.staging_root / (
+                    f"{_fs.staging_prefix()}deleted-{name}-{v}-{secrets.token_hex(6)}"
+                )
                 try:
                     os.rename(self.root / name / str(v), grave)
                 except OSError as exc:
@@ -552,7 +552,7 @@ class LocalStore:
         return await asyncio.to_thread(self._new_staging)
 
     def _new_staging(self) -> Path:
-        path = Path(tempfile.mkdtemp(dir=self.staging_root))
+        path = Path(tempfile.mkdtemp(prefix=_fs.staging_prefix(), dir=self.staging_root))
         # mkdtemp makes it 0700; builders and workers may run under another uid.
         path.chmod(0o755)
         return path
@@ -566,7 +566,9 @@ class LocalStore:
         await asyncio.to_thread(self._put, digest, Path(source))
 
     def _put(self, digest: str, source: Path) -> None:
-        pending = self.staging_root / f"{digest}.{secrets.token_hex(6)}{_PENDING_SUFFIX}"
+        pending = self.staging_root / (
+            f"{_fs.staging_prefix()}{digest}.{secrets.token_hex(6)}{_PENDING_SUFFIX}"
+        )
         try:
             _fs.copy_verified(source, pending, digest)
         except OSError as exc:

@@ -377,10 +377,7 @@ class DigestArtifactStore:
 
     def _open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        if self.staging_root.exists():
-            for leftover in self.staging_root.iterdir():
-                log.info("removing leftover staging entry %s", leftover)
-                _fs.remove(leftover)
+        _fs.sweep_staging(self.staging_root)
         self.staging_root.mkdir(parents=True, exist_ok=True)
         for tmp in self.root.glob("*/*" + _fs.TMP_SUFFIX):
             _fs.remove(tmp)
@@ -392,7 +389,7 @@ class DigestArtifactStore:
         """A fresh, unique, empty directory (0755)."""
 
         def make() -> Path:
-            path = Path(tempfile.mkdtemp(dir=self.staging_root))
+            path = Path(tempfile.mkdtemp(prefix=_fs.staging_prefix(), dir=self.staging_root))
             path.chmod(0o755)
             return path
 

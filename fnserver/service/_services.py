@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from .. import __version__
 from ..builder import Builder
 from ..config import ServerConfig
@@ -42,6 +44,7 @@ class Services:
                 max_memory_mb=c.max_memory_mb,
                 output_bytes=c.output_bytes,
             ),
+            pid=os.getpid(),
         )
 
     async def ping(self, ctx: RequestContext, req: PingRequest) -> PingReply:

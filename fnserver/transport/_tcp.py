@@ -14,6 +14,7 @@ import contextlib
 import hmac
 import itertools
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Protocol, cast
@@ -94,6 +95,12 @@ class TcpFront:
     async def start(self) -> None:
         """Listen on the configured address."""
         loop = asyncio.get_running_loop()
+        if self.config.listen_fd is not None:
+            # A serving process under the supervisor: the socket is bound and listening
+            # already, shared (SO_REUSEPORT) with the other serving processes.
+            sock = socket.socket(fileno=self.config.listen_fd)
+            self._server = await loop.create_server(lambda: Connection(self), sock=sock)
+            return
         self._server = await loop.create_server(
             lambda: Connection(self), self.config.host, self.config.port, reuse_address=True
         )

@@ -231,10 +231,13 @@ class HelloReply:
     max_upload: int
     chunk_size: int
     limits: ServerLimits
+    #: The serving process that holds this connection (several share the port).
+    pid: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "server": self.server,
+            "pid": self.pid,
             "server_version": self.server_version,
             "protocol": self.protocol,
             "max_frame": self.max_frame,

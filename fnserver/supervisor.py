@@ -1,0 +1,270 @@
+"""The supervisor: N serving processes on one port, each restarted at once if it dies.
+
+``fnserver --processes N`` (default one per CPU) runs this. It binds N listening sockets to
+the same address with ``SO_REUSEPORT`` (the kernel spreads new connections across them) and
+starts one serving process per socket (``python -m fnserver ... --serve-fd FD``), which runs a
+whole :class:`~fnserver.server.FnServer` on that socket. The supervisor keeps every socket
+open itself, so when a serving process dies only the connections it had accepted are lost:
+connections still waiting in its socket's backlog are accepted by its replacement, which gets
+the same socket. Serving processes see one another's registrations through the registry's
+change feed (``fnserver.registry``), so any of them can serve any call.
+
+Start-up fails as a whole: if a serving process exits before it reported ready the first
+time (a port in use, an unusable data directory), every other one is stopped and the
+supervisor exits 1. Later, a process that dies is replaced at once, or after a growing pause
+(up to ``MAX_BACKOFF_S``) while replacements keep dying young. SIGINT/SIGTERM stop them all:
+each gets SIGTERM and its own shutdown grace, then SIGKILL past ``STOP_TIMEOUT_S``.
+
+Nothing here runs on an event loop: it is a small blocking loop over pidfds and a wake-up
+pipe for signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+from . import __version__
+from .config import ServerConfig
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger("fnserver.supervisor")
+
+#: Listen backlog of each socket: connections wait here while a replacement starts.
+BACKLOG: Final = 1024
+#: A serving process that lived shorter than this died young: its replacement waits.
+YOUNG_S: Final = 10.0
+MAX_BACKOFF_S: Final = 5.0
+#: Past the serving processes' own shutdown grace, before they are killed.
+STOP_TIMEOUT_S: Final = 20.0
+#: How long a serving process may take to report ready (imports, registry, workers).
+READY_TIMEOUT_S: Final = 120.0
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One listening socket and the serving process currently on it."""
+
+    index: int
+    sock: socket.socket
+    proc: subprocess.Popen[bytes] | None = None
+    pidfd: int = -1
+    ready_r: int = -1
+    ready: bool = False
+    ever_ready: bool = False
+    started: float = 0.0
+    restart_at: float | None = None
+    backoff: float = 0.0
+    restarts: int = field(default=0)
+
+
+class Supervisor:
+    """Binds the sockets, starts and restarts the serving processes; see the module docs.
+
+    ``child_args`` is the command line every serving process gets (the supervisor's own,
+    less nothing: the serving process ignores ``--processes`` once it has ``--serve-fd``).
+    """
+
+    def __init__(self, config: ServerConfig, processes: int, child_args: list[str]) -> None:
+        if processes < 1:
+            raise ValueError("processes must be at least 1")
+        self.config = config
+        self.processes = processes
+        self.child_args = child_args
+        self.slots: list[_Slot] = []
+        self.port = 0
+        self._stopping = False
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- sockets ----------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Bind and listen on every socket (port 0: the first one picks the port)."""
+        host, port = self.config.host, self.config.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for i in range(self.processes):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+            if i == 0:
+                port = sock.getsockname()[1]
+            self.slots.append(_Slot(i, sock))
+        self.port = port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as a client would dial it."""
+        host = self.config.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    # -- processes --------------------------------------------------------------------------
+
+    def _start(self, slot: _Slot) -> None:
+        fd = slot.sock.fileno()
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        args = [*self.child_args, "--serve-fd", str(fd), "--ready-fd", str(ready_w)]
+        if slot.index != 0 or slot.restarts:
+            args.append("--no-warm")  # one process warms the shared build cache, once
+        slot.proc = subprocess.Popen(
+            [sys.executable, "-m", "fnserver", *args], pass_fds=(fd, ready_w)
+        )
+        os.close(ready_w)
+        slot.ready_r = ready_r
+        slot.ready = False
+        slot.started = time.monotonic()
+        slot.restart_at = None
+        slot.pidfd = os.pidfd_open(slot.proc.pid)
+        self._sel.register(slot.pidfd, selectors.EVENT_READ, ("exit", slot))
+        self._sel.register(ready_r, selectors.EVENT_READ, ("ready", slot))
+
+    def _on_ready(self, slot: _Slot) -> None:
+        try:
+            said = os.read(slot.ready_r, 16)
+        except OSError:
+            said = b""
+        self._sel.unregister(slot.ready_r)
+        if not said:  # the pipe closed: the process exited without saying ready
+            os.close(slot.ready_r)
+            slot.ready_r = -1
+            return
+        os.close(slot.ready_r)
+        slot.ready_r = -1
+        slot.ready = slot.ever_ready = True
+        assert slot.proc is not None
+        log.info("serving process %d (pid %d) ready", slot.index, slot.proc.pid)
+
+    def _on_exit(self, slot: _Slot) -> None:
+        assert slot.proc is not None
+        self._sel.unregister(slot.pidfd)
+        os.close(slot.pidfd)
+        slot.pidfd = -1
+        if slot.ready_r >= 0:
+            self._sel.unregister(slot.ready_r)
+            os.close(slot.ready_r)
+            slot.ready_r = -1
+        code = slot.proc.wait()
+        pid = slot.proc.pid
+        slot.proc = None
+        if self._stopping:
+            return
+        lived = time.monotonic() - slot.started
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        if not slot.ever_ready:
+            log.error("serving process %d (pid %d) failed to start (%s)", slot.index, pid, how)
+            raise _StartFailed
+        slot.backoff = 0.0 if lived >= YOUNG_S else min(MAX_BACKOFF_S, slot.backoff * 2 or 0.1)
+        log.warning(
+            "serving process %d (pid %d) died (%s); starting another%s", slot.index, pid, how,
+            f" in {slot.backoff:.1f} s" if slot.backoff else "",
+        )
+        slot.restarts += 1
+        slot.restart_at = time.monotonic() + slot.backoff
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _signal(self, signum: int, _frame: object) -> None:
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"s")
+
+    def run(self) -> int:
+        """Serve until SIGINT/SIGTERM; the exit status (0, or 1 if start-up failed)."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._signal)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        try:
+            self.bind()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", self.config.host, self.config.port, exc)
+            return 1
+        status = 0
+        try:
+            for slot in self.slots:
+                self._start(slot)
+            announced = False
+            start_deadline = time.monotonic() + READY_TIMEOUT_S
+            while not self._stopping:
+                if not announced and all(s.ready for s in self.slots):
+                    announced = True
+                    log.info(
+                        "fnserver %s listening on %s (%d serving processes, data %s)",
+                        __version__, self.address, self.processes, self.config.data_dir,
+                    )
+                if not announced and time.monotonic() > start_deadline:
+                    log.error("serving processes did not start within %d s", READY_TIMEOUT_S)
+                    raise _StartFailed
+                self._step()
+        except _StartFailed:
+            status = 1
+        finally:
+            self._stop_all()
+        return status
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        pending = [s.restart_at for s in self.slots if s.restart_at is not None]
+        timeout = max(0.0, min(pending) - now) if pending else 1.0
+        for key, _ in self._sel.select(timeout):
+            kind, slot = key.data
+            if kind == "wake":
+                with contextlib.suppress(OSError):
+                    os.read(self._wake_r, 64)
+            elif kind == "ready":
+                self._on_ready(slot)
+            elif kind == "exit":
+                self._on_exit(slot)
+        now = time.monotonic()
+        for slot in self.slots:
+            if (
+                not self._stopping
+                and slot.proc is None
+                and slot.restart_at is not None
+                and slot.restart_at <= now
+            ):
+                self._start(slot)
+
+    def _stop_all(self) -> None:
+        """SIGTERM every serving process, wait for their graceful stop, kill the rest."""
+        self._stopping = True
+        live = [s for s in self.slots if s.proc is not None]
+        for slot in live:
+            assert slot.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                slot.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.shutdown_grace_s + STOP_TIMEOUT_S
+        for slot in live:
+            assert slot.proc is not None
+            try:
+                slot.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("serving process %d did not stop; killing it", slot.index)
+                slot.proc.kill()
+                slot.proc.wait()
+        for slot in self.slots:
+            for fd in (slot.pidfd, slot.ready_r):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            slot.sock.close()
+        self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        log.info("fnserver stopped")
+
+
+class _StartFailed(Exception):
+    """A serving process could not start: the whole server stops."""

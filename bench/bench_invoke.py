@@ -5,7 +5,9 @@
 Three echo functions (the tests' WAT echo, a C echo and a Go echo, the last two built with
 fnserver's Builder), each measured as the best in-process floor and through a real server at
 1 and 64 in flight on one connection and 64 in flight over 8 connections (issue 8, item 6).
-See bench/README.md for what the figures mean. Loopback only; stops by itself.
+Then the noisy neighbours (issue 8): 10 spinning and 4 sleeping functions kept in flight, each
+on its own connection, while another client's WAT echo is timed (`noisy_echo@1`, target p99
+<= 50 ms). See bench/README.md for what the figures mean. Loopback only; stops by itself.
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ func main() {
 }
 """
 MODES = {
-    # seconds per server phase, seconds per floor run, seconds of warm-up before each phase
-    "smoke": {"phase_s": 0.25, "floor_s": 0.2, "warmup_s": 0.05},
-    "quick": {"phase_s": 2.0, "floor_s": 1.5, "warmup_s": 0.3},
-    "full": {"phase_s": 8.0, "floor_s": 5.0, "warmup_s": 1.0},
+    # seconds per server phase, seconds per floor run, seconds of warm-up before each phase;
+    # seconds of the noisy-neighbour phase and the timeout its spinners and sleepers run into
+    "smoke": {"phase_s": 0.25, "floor_s": 0.2, "warmup_s": 0.05,
+              "noisy_s": 1.0, "noise_timeout_ms": 500},
+    "quick": {"phase_s": 2.0, "floor_s": 1.5, "warmup_s": 0.3,
+              "noisy_s": 6.0, "noise_timeout_ms": 2000},
+    "full": {"phase_s": 8.0, "floor_s": 5.0, "warmup_s": 1.0,
+             "noisy_s": 20.0, "noise_timeout_ms": 2000},
 }
 FUNCTIONS = {  # key -> what it is
     "wat": "tiny WAT echo (tests/wasm_fixtures.py)",
@@ -64,6 +70,12 @@ FUNCTIONS = {  # key -> what it is
 # (name suffix, calls in flight, connections they are spread over)
 SHAPES = (("@1", 1, 1), ("@64", 64, 1), ("@64/8conn", 64, 8))
 CONNECTIONS = max(n for _, _, n in SHAPES)
+# The noisy neighbours (issue 8): how many distinct functions of each kind are kept in flight
+# (one call each, each on its own connection) while another client's echo is timed.
+NOISE = {"spin": 10, "sleep": 4}  # an endless loop; an hour in poll_oneoff
+NOISY_PHASE = "noisy_echo@1"
+NOISY_ECHO = "wat"  # the echo timed among them
+NOISY_TARGET_MS = 50.0  # its p99
 
 
 # -- modules ------------------------------------------------------------------------------------
@@ -112,50 +124,74 @@ def build_modules(smoke: bool) -> dict[str, bytes]:
     return {key: out[key] for key in FUNCTIONS}
 
 
+def noise_modules() -> dict[str, bytes]:
+    """``spin0..9`` (the tests' endless loop) and ``sleep0..3`` (an hour in poll_oneoff), each
+    a distinct module: a custom section naming it changes its hash, so no two share an
+    artifact or a compiled module."""
+    from tests import wasm_fixtures
+
+    base = {"spin": wasm_fixtures.infinite_loop(), "sleep": wasm_fixtures.sleep(3600)}
+    return {key: _with_custom_section(base[key.rstrip("0123456789")], key.encode())
+            for key in noise_keys()}
+
+
+def noise_keys() -> list[str]:
+    return [f"{kind}{i}" for kind, count in NOISE.items() for i in range(count)]
+
+
+def _with_custom_section(wasm: bytes, payload: bytes) -> bytes:
+    def leb128(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    name = b"fnserver-bench"
+    body = leb128(len(name)) + name + payload
+    return wasm + b"\x00" + leb128(len(body)) + body
+
+
 # -- the in-process floor -----------------------------------------------------------------------
 
 
 def floor(wasm: bytes, seconds: float) -> dict[str, Any]:
-    """Fresh Store per call, in this process, with the worker's engine and C-API call path."""
+    """Fresh Store per call, in this process, with the server's engine and C-API call path
+    (output into memory through fnserver's fd_write: no file, no syscall per write)."""
     import wasmtime
 
     from fnserver.exec._engine import make_engine
     from fnserver.exec._guest import run_guest
+    from fnserver.exec._wasi import install_output, thread_deadline
 
     engine = make_engine()
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
+    install_output(linker)
     pre = linker.instantiate_pre(wasmtime.Module(engine, wasm))
-    out_fd = os.memfd_create("floor-out", os.MFD_CLOEXEC)
-    err_fd = os.memfd_create("floor-err", os.MFD_CLOEXEC)
-    paths = (f"/proc/self/fd/{out_fd}".encode(), f"/proc/self/fd/{err_fd}".encode())
 
     def call() -> int:
         t0 = time.perf_counter_ns()
         run = run_guest(
-            engine, pre, args=("floor",), stdin=INPUT, stdout_path=paths[0],
-            stderr_path=paths[1], memory_limit=128 << 20, deadline_ticks=1 << 40, fuel=None,
+            engine, pre, args=("floor",), stdin=INPUT, memory_limit=128 << 20,
+            deadline_ticks=1 << 40, fuel=None, out_cap=1 << 20, err_keep=1 << 16,
         )
-        size = os.fstat(out_fd).st_size
-        output = os.pread(out_fd, size, 0)
+        output = bytes(thread_deadline().out)
         run.close()
         elapsed = time.perf_counter_ns() - t0
         if run.failure is not None or output != INPUT:
             raise RuntimeError(f"floor call failed: {run.failure!r} {output[:80]!r}")
         return elapsed
 
-    try:
-        for _ in range(20):
-            call()
-        lat: list[int] = []
-        start = time.perf_counter()
-        end = start + seconds
-        while time.perf_counter() < end:
-            lat.append(call())
-        elapsed = time.perf_counter() - start
-    finally:
-        os.close(out_fd)
-        os.close(err_fd)
+    for _ in range(20):
+        call()
+    lat: list[int] = []
+    start = time.perf_counter()
+    end = start + seconds
+    while time.perf_counter() < end:
+        lat.append(call())
+    elapsed = time.perf_counter() - start
     return _summary(lat, elapsed)
 
 
@@ -211,6 +247,9 @@ async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
         for c in clients:
             await c.connect()
         for phase in spec["phases"]:
+            if phase.get("noise"):
+                results[phase["name"]] = await _noisy(spec, phase)
+                continue
             name, fn, inflight = phase["name"], phase.get("function"), phase["in_flight"]
             conns = clients[: phase["connections"]]
 
@@ -255,6 +294,103 @@ async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+async def _noisy(spec: dict[str, Any], phase: dict[str, Any]) -> dict[str, Any]:
+    """One call of each noise function kept in flight, each on its own connection and
+    re-issued as soon as it ends (with its timeout), while one more connection calls the echo
+    one call at a time for ``phase["seconds"]``; then the noise is stopped and waited for.
+
+    Bounded: every call, noise or echo, is given up client-side ``guard`` seconds after it
+    was sent, and the noise still in flight at the end is waited for at most that long.
+    """
+    from fnclient import AsyncClient, FnError, FunctionTimeoutError
+
+    fns, timeout_ms = phase["noise"], phase["noise_timeout_ms"]
+    guard = timeout_ms / 1000 + 30
+    clients = [AsyncClient(spec["address"]) for _ in range(len(fns) + 1)]
+    echo_client, noise_clients = clients[0], clients[1:]
+    stop = False
+    in_flight = 0
+    outcomes: dict[str, int] = {}
+    echo_errors: dict[str, int] = {}
+
+    async def noise(client: AsyncClient, fn: str) -> None:
+        nonlocal in_flight
+        while not stop:
+            in_flight += 1
+            try:
+                async with asyncio.timeout(guard):
+                    await client.invoke(fn, INPUT, timeout_ms=timeout_ms)
+                outcome = "ok"
+            except FunctionTimeoutError:
+                outcome = "timeout"
+            except FnError as e:
+                outcome = e.code
+            except TimeoutError:
+                outcome = "no answer"
+            finally:
+                in_flight -= 1
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            if outcome not in ("ok", "timeout"):
+                await asyncio.sleep(0.05)  # refused: do not spin on the refusal
+
+    async def echo(until: float, sink: list[int], seen: list[int]) -> None:
+        while time.perf_counter() < until:
+            seen.append(in_flight)
+            t0 = time.perf_counter_ns()
+            try:
+                async with asyncio.timeout(guard):
+                    res = await echo_client.invoke(phase["function"], INPUT)
+            except (FnError, TimeoutError) as e:
+                code = getattr(e, "code", "no answer")
+                echo_errors[code] = echo_errors.get(code, 0) + 1
+                continue
+            if res.output != INPUT:
+                raise RuntimeError(f"{phase['function']}: wrong output {res.output[:80]!r}")
+            sink.append(time.perf_counter_ns() - t0)
+
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await asyncio.gather(*(c.connect() for c in clients))
+        tasks = [asyncio.create_task(noise(c, fn)) for c, fn in zip(noise_clients, fns, strict=True)]
+        # The noise reaches the server while the echo warms up (and its first calls compile).
+        await echo(time.perf_counter() + max(spec["warmup_s"], 0.2), [], [])
+        lat: list[int] = []
+        seen: list[int] = []
+        start = time.perf_counter()
+        await echo(start + phase["seconds"], lat, seen)
+        elapsed = time.perf_counter() - start
+    finally:
+        stop = True
+        drain0 = time.perf_counter()
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=guard)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        drain_s = time.perf_counter() - drain0
+        for c in clients:
+            await c.close()
+    for t in tasks:
+        if not t.cancelled() and t.exception() is not None:
+            raise RuntimeError("a noise caller failed") from t.exception()
+    if not lat:
+        raise RuntimeError(f"no echo answered among the noise: {echo_errors}")
+    summary = _summary(lat, elapsed)
+    summary["max_us"] = round(lat[-1] / 1000, 1)  # _summary sorted them
+    summary["in_flight"] = 1
+    summary["connections"] = 1
+    summary["echo_errors"] = echo_errors
+    summary["noise"] = {
+        "functions": len(fns),
+        "timeout_ms": timeout_ms,
+        "in_flight_mean": round(statistics.fmean(seen), 2),
+        "in_flight_min": min(seen),
+        "calls_ended": outcomes,
+        "drain_s": round(drain_s, 3),
+    }
+    return summary
+
+
 def run_loadgen(address: str, server_pid: int, cfg: dict[str, float]) -> dict[str, Any]:
     phases: list[dict[str, Any]] = [
         {"name": "ping@1", "function": None, "in_flight": 1, "connections": 1}]
@@ -262,9 +398,14 @@ def run_loadgen(address: str, server_pid: int, cfg: dict[str, float]) -> dict[st
         for suffix, inflight, conns in SHAPES:
             phases.append({"name": key + suffix, "function": f"bench-{key}",
                            "in_flight": inflight, "connections": conns})
+    # Last, so that no other phase runs while the noise drains.
+    phases.append({"name": NOISY_PHASE, "function": f"bench-{NOISY_ECHO}",
+                   "noise": [f"bench-{key}" for key in noise_keys()],
+                   "noise_timeout_ms": cfg["noise_timeout_ms"], "seconds": cfg["noisy_s"]})
     spec = {"address": address, "server_pid": server_pid, "phases": phases,
             "connections": CONNECTIONS, "phase_s": cfg["phase_s"], "warmup_s": cfg["warmup_s"]}
-    budget = 60 + len(phases) * (cfg["phase_s"] + cfg["warmup_s"]) * 2
+    budget = (60 + len(phases) * (cfg["phase_s"] + cfg["warmup_s"]) * 2
+              + cfg["noisy_s"] + 3 * (cfg["noise_timeout_ms"] / 1000 + 30))
     proc = subprocess.run(
         [sys.executable, __file__, "--loadgen", json.dumps(spec)],
         capture_output=True, timeout=budget, cwd=ROOT,
@@ -365,6 +506,7 @@ TARGETS = {
     "throughput_64_8conn_vs_floor": ">= 1.0",
     "p50_1_vs_2floor_plus_rtt": "<= 1.0",
 }
+NOISY_TARGET = f"<= {NOISY_TARGET_MS:g}"
 
 
 def ratios(result: dict[str, Any]) -> dict[str, float]:
@@ -418,6 +560,20 @@ def print_table(result: dict[str, Any]) -> None:
     for name, target in TARGETS.items():
         print(f"{name + ' (' + target + ')':40}"
               + "".join(f"{r[f'{key}_{name}']:>8.3f}" for key in FUNCTIONS))
+    noisy = result["server"][NOISY_PHASE]
+    noise = noisy["noise"]
+    print(f"\nnoisy neighbours: {NOISE['spin']} spinning + {NOISE['sleep']} sleeping functions, "
+          f"one call each in flight on its own connection ({noise['in_flight_mean']} on average), "
+          f"re-issued at their {noise['timeout_ms']} ms timeout; another client's {NOISY_ECHO} "
+          f"echo, one call at a time:")
+    print(f"{'':20}{'calls':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}")
+    print(f"{'noisy echo':20}{noisy['calls']:>10}{noisy['p50_us'] / 1000:>9.2f}"
+          f"{noisy['p99_us'] / 1000:>9.2f}{noisy['max_us'] / 1000:>9.2f}")
+    met = "met" if result["noisy_echo_p99_ms"] <= NOISY_TARGET_MS else "NOT met"
+    print(f"{'noisy_echo_p99_ms (' + NOISY_TARGET + ')':40}{result['noisy_echo_p99_ms']:>8.2f}"
+          f"  {met}")
+    if noisy["echo_errors"]:
+        print(f"echo errors among the noise: {noisy['echo_errors']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -447,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     before = {key: floor(wasm, cfg["floor_s"]) for key, wasm in modules.items()}
     server = Server(a.workers)
     try:
-        asyncio.run(_register(server.address, modules))
+        asyncio.run(_register(server.address, {**modules, **noise_modules()}))
         result["server"] = run_loadgen(server.address, server.proc.pid, cfg)
     finally:
         server.stop()
@@ -459,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["workers"] = a.workers or os.cpu_count()
     result["ratios"] = ratios(result)
+    result["noisy_echo_p99_ms"] = round(result["server"][NOISY_PHASE]["p99_us"] / 1000, 2)
+    result["targets"] = {**TARGETS, "noisy_echo_p99_ms": NOISY_TARGET}
     result["loadavg_at_end"] = _loadavg()
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     out = a.out or RESULTS / time.strftime(f"invoke-{mode}-%Y%m%d-%H%M%S.json")

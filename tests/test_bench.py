@@ -25,7 +25,8 @@ def test_invoke_bench_smoke(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     functions = ("wat", "c", "go")
     shapes = ("@1", "@64", "@64/8conn")
-    assert set(result["server"]) == {"ping@1"} | {f + s for f in functions for s in shapes}
+    assert set(result["server"]) == ({"ping@1", "noisy_echo@1"}
+                                     | {f + s for f in functions for s in shapes})
     for phase in result["server"].values():
         assert phase["calls"] > 0 and phase["per_s"] > 0
         assert phase["p99_us"] >= phase["p50_us"] > 0
@@ -39,6 +40,15 @@ def test_invoke_bench_smoke(tmp_path: Path) -> None:
     assert set(result["ratios"]) == {f"{f}_{t}" for f in functions for t in targets}
     assert all(v > 0 for v in result["ratios"].values())
     assert b"ratios" in proc.stdout
+    # The noisy neighbours: 10 spinning + 4 sleeping calls kept in flight, each ended by its
+    # timeout and re-issued, while another connection's echo was answered (no timing asserted).
+    noisy = result["server"]["noisy_echo@1"]
+    assert noisy["calls"] > 0 and noisy["max_us"] >= noisy["p99_us"] >= noisy["p50_us"] > 0
+    assert noisy["noise"]["functions"] == 14 and noisy["noise"]["in_flight_mean"] > 0
+    assert noisy["noise"]["calls_ended"].get("timeout", 0) > 0
+    assert result["noisy_echo_p99_ms"] == pytest.approx(noisy["p99_us"] / 1000, abs=0.01)
+    assert result["targets"]["noisy_echo_p99_ms"] == "<= 50"
+    assert b"noisy_echo_p99_ms" in proc.stdout
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="the bench builds its binary with gcc")

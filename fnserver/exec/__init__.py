@@ -1,12 +1,14 @@
-"""Run invocations in a pool of worker processes, never in the server process.
+"""Run invocations: wasm in the serving process, native binaries in worker processes.
 
 The service sees one narrow surface: :class:`ExecPool` (``start``, ``close``, ``precompile``,
 ``invoke``, ``stats``), :class:`InvokeJob` and :class:`Limits` in, the protocol's
-:class:`InvokeResult` out. Workers (``python -m fnserver.exec._worker``) run wasm with
-wasmtime (epoch deadlines, Store memory limits, capped output, modules loaded from the node's
-compiled-module cache) and native binaries under OS limits; the parent owns the wall-clock
-deadline and kills and replaces overrunning workers. Modules are compiled by a separate
-bounded process (``python -m fnserver.exec._compile``) and stored by the pool.
+:class:`InvokeResult` out. wasm guests run in this process (``_inproc.py``), each in a fresh
+Store: epoch deadlines stop loops, fnserver's own waiting WASI calls end at the deadline,
+output goes into capped buffers, memory is bounded per Store; modules come from the node's
+compiled-module cache, compiled by a separate bounded process
+(``python -m fnserver.exec._compile``). Native binaries run under OS limits, spawned by
+worker processes (``python -m fnserver.exec._worker``) under their own uids; the parent owns
+the wall-clock deadline and kills and replaces overrunning workers.
 """
 
 from __future__ import annotations

@@ -45,20 +45,21 @@ def engine_settings(fuel: bool = False) -> dict[str, Any]:
     about half, MEASURED.md.) Go's runtime touches ~3 MiB of fresh memory per call: without
     keep-resident every call pays ~200 page faults when the slot is decommitted and
     re-faulted (call 580 us -> 197 us with it). Keep-resident instead memsets what was used
-    when the Store goes, which the worker does *after* sending the reply (off the latency
-    path). C modules are built with a 1 MiB stack (17 pages), so the memset is small.
+    when the Store goes. C modules are built with a 1 MiB stack (17 pages), so the memset is
+    small.
 
-    The pooling allocator reserves its slots once at engine creation. A worker runs one guest
-    at a time, so one slot of each kind is enough; that lets the slot be the whole 32-bit
-    space (4 GiB reservation = max memory), so every Store memory limit up to 4 GiB works
-    and the memory never moves; growth past the Store limit still returns -1. Virtual size
-    is ~4.7 GiB, under the worker's 8 GiB RLIMIT_AS. A 4 GiB reservation also lets cranelift
-    drop most bounds checks (static memory with a guard).
+    The pooling allocator reserves its slots once at engine creation: one per call that may
+    run at once in the serving process (``WasmRunner``'s slots). Each slot is the whole
+    32-bit space (4 GiB reservation = max memory), so every Store memory limit up to 4 GiB
+    works and the memory never moves; growth past the Store limit still returns -1. That is
+    address space, not memory: 64 slots reserve ~300 GiB of it, and the serving process has
+    no RLIMIT_AS. A 4 GiB reservation also lets cranelift drop most bounds checks (static
+    memory with a guard). The slot counts are not engine settings that change compiled code,
+    so they are not part of the engine key (a module compiled on demand loads into a pool).
 
     The fuel engine (``fuel=True``) adds ``consume_fuel``, which instruments every loop and
     call (so it is never used for calls without a budget) and keeps the on-demand allocator
-    with a 256 MiB reservation: a second 4 GiB pool would not fit under RLIMIT_AS. Each engine
-    has its own compiled file in the module cache.
+    with a 256 MiB reservation. Each engine has its own compiled file in the module cache.
     """
     settings: dict[str, Any] = {
         # Epoch interruption stops CPU loops (trap INTERRUPT) at a few ns per loop back-edge.

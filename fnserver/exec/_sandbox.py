@@ -57,7 +57,7 @@ _CAP_DAC_READ_SEARCH: Final = 2
 #: Worker hard limits, inherited by native children before prlimit narrows them.
 WORKER_NOFILE: Final = 256
 WORKER_FSIZE: Final = 1 << 30  # bounds the output memfds between calls
-WORKER_AS: Final = 8 << 30  # backstop for wasmtime itself; guests are bounded by the Store
+WORKER_AS: Final = 8 << 30  # backstop for the worker itself; its binaries get per-call limits
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -14,8 +14,9 @@ hand-off: the fast path) and which on a guest thread. Only a function whose rece
 all short runs inline, and an inline call gets a short slice (``_inproc.INLINE_SLICE_TICKS``);
 a call that outlives its slice is stopped and run again from the start on a thread (a fresh
 Store, the same input: a guest has no effect outside its Store), and its function runs on
-threads for ``long_for_s``. So the loop is held at most one slice per function per
-``long_for_s``, however the function behaves.
+threads for ``long_for_s``. An overrun also stops every function from running inline for
+``pause_s``: however many functions one tenant registers, each made to look short and then to
+run long, their slices hold the loop for at most one slice (20 ms) per ``pause_s`` (1 s).
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ class InlinePolicy:
 
     ``short_s``: a call that ran at most this long counts as short. ``after``: consecutive
     short calls before a function runs inline. ``long_for_s``: how long a function runs on
-    threads after a call of it was not short. ``tracked``: functions remembered (LRU).
+    threads after a call of it was not short. ``pause_s``: how long no function runs inline
+    after any inline call overran its slice. ``tracked``: functions remembered (LRU).
     """
 
     def __init__(
@@ -163,16 +165,21 @@ class InlinePolicy:
         short_s: float = 0.002,
         after: int = 3,
         long_for_s: float = 10.0,
+        pause_s: float = 1.0,
         tracked: int = 4096,
     ) -> None:
         self.short_s = short_s
         self.after = after
         self.long_for_s = long_for_s
+        self.pause_s = pause_s
+        self._paused_until = float("-inf")
         self.tracked = tracked
         self._seen: OrderedDict[str, _Record] = OrderedDict()
 
     def inline(self, key: str, now: float) -> bool:
         """True if the next call of ``key`` may run inline."""
+        if now < self._paused_until:
+            return False
         rec = self._seen.get(key)
         return rec is not None and rec.short_runs >= self.after and now >= rec.thread_until
 
@@ -187,10 +194,12 @@ class InlinePolicy:
             rec.thread_until = max(rec.thread_until, now + self.long_for_s)
 
     def overran(self, key: str, now: float) -> None:
-        """An inline call of ``key`` outlived its slice: threads only, for a while."""
+        """An inline call of ``key`` outlived its slice: threads only, for a while (and no
+        inline call of anyone for ``pause_s``)."""
         rec = self._record(key)
         rec.short_runs = 0
         rec.thread_until = now + self.long_for_s
+        self._paused_until = now + self.pause_s
 
     def _record(self, key: str) -> _Record:
         rec = self._seen.pop(key, None) or _Record()

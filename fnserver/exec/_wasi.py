@@ -107,12 +107,14 @@ class CallDeadline:
         "out_cap",
         "out_total",
         "timed_out",
+        "waited_ns",
     )
 
     def __init__(self) -> None:
         self.origin_ns = time.monotonic_ns()
         self.deadline_ns: int | None = None
         self.timed_out = False
+        self.waited_ns = 0
         self._cancelled = False
         # The call's output (fnserver's own fd_write, install_output):
         # stdout up to ``out_cap`` bytes, stderr up to ``err_keep``; ``*_total`` count what
@@ -135,6 +137,7 @@ class CallDeadline:
         self.origin_ns = now
         self.deadline_ns = None if timeout_ns is None else now + timeout_ns
         self.timed_out = False
+        self.waited_ns = 0
         self.out = bytearray()
         self.err = bytearray()
         self.out_cap, self.err_keep = out_cap, min(err_keep, out_cap)
@@ -168,13 +171,18 @@ class CallDeadline:
         # cancel() sets _cancelled before reading _event: checked after _event exists, one
         # of the two sides sees the other.
         event = self._event
-        while not self._cancelled:
-            left = target_ns - time.monotonic_ns()
-            if left <= 0:
-                return True
-            # Releases the GIL. A sleep of centuries is waited for in TIMEOUT_MAX pieces.
-            event.wait(min(left / 1e9, threading.TIMEOUT_MAX))
-        return False
+        began = time.monotonic_ns()
+        try:
+            while not self._cancelled:
+                left = target_ns - time.monotonic_ns()
+                if left <= 0:
+                    return True
+                # Releases the GIL. A sleep of centuries is waited for in TIMEOUT_MAX pieces.
+                event.wait(min(left / 1e9, threading.TIMEOUT_MAX))
+            return False
+        finally:
+            # What the call spent asleep: it would hold a thread (or the loop) that long.
+            self.waited_ns += time.monotonic_ns() - began
 
 
 class _Current(threading.local):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from ._policy import QueueFull
 
@@ -150,6 +150,10 @@ class _Record:
     thread_until: float = 0.0
 
 
+#: Records looked at per eviction (a bound, so a flood of functions costs no long scans).
+_EVICT_SCAN: Final = 8
+
+
 class InlinePolicy:
     """Which functions run inline on the event loop's thread; see the module docstring.
 
@@ -185,7 +189,7 @@ class InlinePolicy:
 
     def note(self, key: str, seconds: float, now: float) -> None:
         """A call of ``key`` ran ``seconds`` to its end (inline or on a thread)."""
-        rec = self._record(key)
+        rec = self._record(key, now)
         if seconds <= self.short_s:
             rec.short_runs += 1
         else:
@@ -196,14 +200,32 @@ class InlinePolicy:
     def overran(self, key: str, now: float) -> None:
         """An inline call of ``key`` outlived its slice: threads only, for a while (and no
         inline call of anyone for ``pause_s``)."""
-        rec = self._record(key)
+        rec = self._record(key, now)
         rec.short_runs = 0
         rec.thread_until = now + self.long_for_s
         self._paused_until = now + self.pause_s
 
-    def _record(self, key: str) -> _Record:
+    def _record(self, key: str, now: float) -> _Record:
         rec = self._seen.pop(key, None) or _Record()
         self._seen[key] = rec
         if len(self._seen) > self.tracked:
-            self._seen.popitem(last=False)
+            self._evict(now)
         return rec
+
+    def _evict(self, now: float) -> None:
+        """Forget the least recently seen function, but not one still kept on threads
+        (forgetting it would lift its penalty): among the oldest few, the first whose
+        penalty is over; the oldest if none is (``pause_s`` still bounds the loop time)."""
+        skipped: list[tuple[str, _Record]] = []
+        try:
+            # Never the newest: the record just made or refreshed is the caller's.
+            for _ in range(min(_EVICT_SCAN, len(self._seen) - 1)):
+                key, rec = self._seen.popitem(last=False)
+                if now >= rec.thread_until:
+                    return
+                skipped.append((key, rec))
+            skipped.pop(0)  # all penalized: the oldest goes after all
+        finally:
+            for key, rec in reversed(skipped):
+                self._seen[key] = rec
+                self._seen.move_to_end(key, last=False)

@@ -213,6 +213,11 @@ class Connection(asyncio.Protocol):
         if self._closing:
             return
         self._out.append(frame)
+        if len(self._in_flight) <= 1 and not self._flush_scheduled:
+            # Nothing else in flight here: no later reply to coalesce with, so the loop
+            # iteration a scheduled flush costs would only add latency.
+            self._flush()
+            return
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)

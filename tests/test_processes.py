@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
 from fnclient import AsyncClient
 from fnclient.protocol import FnError, NotFoundError, UnavailableError
-from tests import wasm_fixtures as wf
+
+from . import wasm_fixtures as wf
 
 
 class Server:

@@ -71,7 +71,9 @@ async def clients_on(address: str, pids: int, tries: int = 200) -> dict[int, Asy
     held: dict[int, AsyncClient] = {}
     spare: list[AsyncClient] = []
     for _ in range(tries):
-        c = AsyncClient(address)
+        # A connection the kernel put in the backlog of a process being replaced waits for
+        # the replacement to start: give HELLO as long as a start takes on a loaded machine.
+        c = AsyncClient(address, connect_timeout=120)
         await c.connect()
         pid = c.server_info["pid"]
         if pid in held:

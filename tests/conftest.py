@@ -127,3 +127,22 @@ async def run_fn(address: str, *args: str, input: bytes | None = None, env: Mapp
     out, err = await asyncio.wait_for(proc.communicate(input or b""), 120)
     assert proc.returncode is not None
     return proc.returncode, out, err
+
+
+async def start_server_process(
+    tmp_path: Path, *extra: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    """``python -m fnserver`` on port 0 over ``tmp_path/data`` (the supervisor and its serving
+    processes); returns the process and the address its "listening on" line names."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fnserver", "--port", "0", "--data-dir", str(tmp_path / "data"),
+        "--workers", "2", "--no-warm", *extra,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    while True:
+        # Bounded only to turn a hang into a failure: a loaded machine starts slowly.
+        line = (await asyncio.wait_for(proc.stderr.readline(), 120)).decode()
+        assert line, "the server exited before listening"
+        if "listening on " in line:
+            return proc, line.split("listening on ")[1].split()[0]

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import struct
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from fnclient import AsyncClient, Client
 from fnserver.protocol import encode_frame, encode_request
 
 from . import wasm_fixtures as wf
-from .conftest import ServerHandle, run_fn
+from .conftest import ServerHandle, run_fn, start_server_process
 
 
 def _write(tmp_path: Path, name: str, data: bytes) -> Path:
@@ -309,22 +308,8 @@ async def test_unknown_op_and_bad_fields_keep_the_connection(handle: ServerHandl
     writer.close()
 
 
-async def _start_server_process(tmp_path: Path, *extra: str) -> tuple[asyncio.subprocess.Process, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fnserver", "--port", "0", "--data-dir", str(tmp_path / "data"),
-        "--workers", "2", "--no-warm", *extra,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    while True:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
-        assert line, "server exited before listening"
-        if "listening on " in line:
-            return proc, line.split("listening on ")[1].split()[0]
-
-
 async def test_server_process_sync_client_and_clean_shutdown(tmp_path: Path) -> None:
-    proc, address = await _start_server_process(tmp_path)
+    proc, address = await start_server_process(tmp_path)
     try:
         def use_sync_client() -> tuple[int, bytes]:
             with Client(address) as c:

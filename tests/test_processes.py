@@ -20,6 +20,7 @@ from fnclient import AsyncClient
 from fnclient.protocol import FnError, NotFoundError, UnavailableError
 
 from . import wasm_fixtures as wf
+from .conftest import start_server_process
 
 
 class Server:
@@ -46,18 +47,8 @@ class Server:
 
 @contextlib.asynccontextmanager
 async def supervisor(tmp_path: Path, processes: int) -> AsyncIterator[Server]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fnserver", "--port", "0", "--data-dir", str(tmp_path / "data"),
-        "--processes", str(processes), "--workers", "2", "--no-warm",
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    while True:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 120)).decode()
-        assert line, "the server exited before listening"
-        if "listening on " in line:
-            break
-    server = Server(proc, line.split("listening on ")[1].split()[0])
+    proc, address = await start_server_process(tmp_path, "--processes", str(processes))
+    server = Server(proc, address)
     try:
         yield server
     finally:

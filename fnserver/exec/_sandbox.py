@@ -6,8 +6,8 @@ and recorded in :class:`SandboxInfo` otherwise; nothing here raises on a refusin
 Order matters:
 1. child subreaper: every process a native binary leaves behind (even after ``setsid``) is
    reparented to the worker, which kills and reaps them after each call;
-2. ``unshare(CLONE_NEWNET)`` (needs CAP_SYS_ADMIN, so before dropping root): guests and native
-   binaries get a network namespace with only a down loopback;
+2. ``unshare(CLONE_NEWNET)`` (needs CAP_SYS_ADMIN, so before dropping root): native binaries
+   get a network namespace with only a down loopback;
 3. hard rlimits on the worker itself, inherited by native children from their first
    instruction (NOFILE, CORE, FSIZE, NPROC); per-call limits are lowered further with
    ``prlimit`` right after spawn;

@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -724,6 +725,32 @@ int main(void) {
 #include <unistd.h>
 int main(void) { char b[65536]; memset(b, 'x', sizeof b); for (;;) write(1, b, sizeof b); }""",
     "spin": "int main(void) { for (;;) {} }",
+    # Talks to itself over 127.0.0.1, then tries the host's port argv[1].
+    "loopback": r"""
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    struct sockaddr_in a = {0}, h = {0};
+    socklen_t n = sizeof a;
+    char buf[8] = {0};
+    a.sin_family = h.sin_family = AF_INET;
+    a.sin_addr.s_addr = h.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    h.sin_port = htons(atoi(argv[1]));
+    int l = socket(AF_INET, SOCK_STREAM, 0), c = socket(AF_INET, SOCK_STREAM, 0);
+    if (bind(l, (void *)&a, sizeof a) || listen(l, 1) || getsockname(l, (void *)&a, &n)
+        || connect(c, (void *)&a, sizeof a)) { perror("self"); return 1; }
+    int s = accept(l, 0, 0);
+    write(c, "ping", 4);
+    read(s, buf, 4);
+    printf("self:%s\n", buf);
+    int d = socket(AF_INET, SOCK_STREAM, 0);
+    printf("host:%s\n", connect(d, (void *)&h, sizeof h) ? "unreachable" : "REACHED");
+    return 0;
+}""",
     # Sleeps argv[1] milliseconds (default 30 s).
     "nap": r"""
 #include <stdlib.h>
@@ -822,6 +849,22 @@ async def test_native_echo(pool: ExecPool, tmp_path: Path, natives: dict[str, Pa
         r = await pool.invoke(fn.job(input=data, args=("xy", "z")))
         assert (r.output, r.stderr, r.exit_code, r.truncated) == (data, b"xz", 7, False)
         assert r.mode == "native" and r.memory_peak > 0
+
+
+async def test_native_loopback_is_its_own(
+    pool: ExecPool, tmp_path: Path, natives: dict[str, Path]
+) -> None:
+    """A native function may talk to itself over 127.0.0.1 (many programs do), but the
+    host's loopback, where fnserver and everything else on the machine listens, is not
+    its loopback."""
+    if not all(s["netns"] for s in pool.stats()["sandbox"]):
+        pytest.skip("this host refuses network namespaces")
+    fn = native_fn(tmp_path, "loop", natives["loopback"])
+    with socket.socket() as host:
+        host.bind(("127.0.0.1", 0))
+        host.listen(1)
+        r = await pool.invoke(fn.job(args=(str(host.getsockname()[1]),)))
+    assert (r.exit_code, r.output) == (0, b"self:ping\nhost:unreachable\n"), r.stderr
 
 
 async def test_native_calls_start_in_an_empty_directory(

@@ -7,7 +7,8 @@ Order matters:
 1. child subreaper: every process a native binary leaves behind (even after ``setsid``) is
    reparented to the worker, which kills and reaps them after each call;
 2. ``unshare(CLONE_NEWNET)`` (needs CAP_SYS_ADMIN, so before dropping root): native binaries
-   get a network namespace with only a down loopback;
+   get a network namespace of their own with nothing but a loopback, brought up so that a
+   program may talk to itself over 127.0.0.1;
 3. hard rlimits on the worker itself, inherited by native children from their first
    instruction (NOFILE, CORE, FSIZE, NPROC); per-call limits are lowered further with
    ``prlimit`` right after spawn;
@@ -30,6 +31,8 @@ import fcntl
 import os
 import resource
 import signal
+import socket
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +54,9 @@ _PR_SET_KEEPCAPS: Final = 8
 _PR_SET_CHILD_SUBREAPER: Final = 36
 _PR_SET_NO_NEW_PRIVS: Final = 38
 _CLONE_NEWNET: Final = 0x40000000
+_SIOCGIFFLAGS: Final = 0x8913
+_SIOCSIFFLAGS: Final = 0x8914
+_IFF_UP: Final = 0x1
 _CAP_VERSION_3: Final = 0x20080522
 _CAP_DAC_READ_SEARCH: Final = 2
 
@@ -136,6 +142,15 @@ def claim_uids(count: int) -> tuple[list[int], list[int]]:
     return uids, fds
 
 
+def _loopback_up() -> None:
+    """Bring up ``lo`` in this (new) network namespace: a program may talk to itself over
+    127.0.0.1 and nothing else (needs CAP_NET_ADMIN, held before the uid drop)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        req = struct.pack("16sH", b"lo", 0)
+        flags = struct.unpack("16sH", fcntl.ioctl(sock, _SIOCGIFFLAGS, req)[:18])[1]
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | _IFF_UP))
+
+
 def setup_worker(uid: int | None) -> SandboxInfo:
     """Harden the current (worker) process; see the module docstring.
 
@@ -147,6 +162,10 @@ def setup_worker(uid: int | None) -> SandboxInfo:
         info.refused.append(f"subreaper: {_errno()}")
     if _libc.unshare(_CLONE_NEWNET) == 0:
         info.netns = True
+        try:
+            _loopback_up()
+        except OSError as exc:
+            info.refused.append(f"loopback up: {exc.strerror}")
     else:
         info.refused.append(f"unshare(CLONE_NEWNET): {_errno()}")
     # Writes past a cap must fail with EFBIG in the worker, not kill it.

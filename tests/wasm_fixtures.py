@@ -179,3 +179,113 @@ def grow_then_exit(pages: int) -> bytes:
   (memory (export "memory") 1)
   (func (export "_start")
     (if (i32.eq (memory.grow (i32.const {pages})) (i32.const -1)) (then unreachable))))""")
+
+
+def stderr_flood() -> bytes:
+    """Write 64 KiB blocks to stderr forever, ignoring write errors."""
+    return wat(f"""(module
+  {_FD_WRITE}
+  (memory (export "memory") 2)
+  (func (export "_start")
+    (memory.fill (i32.const 1024) (i32.const 101) (i32.const 65536))
+    (loop $l
+      (i32.store (i32.const 0) (i32.const 1024))
+      (i32.store (i32.const 4) (i32.const 65536))
+      (drop (call $fd_write (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 16)))
+      (br $l))))""")
+
+
+def many_iovecs(count: int, length: int) -> bytes:
+    """One ``fd_write`` to stdout of ``count`` iovecs, each ``length`` bytes of "y" (all the
+    same buffer; ``length`` 0: the iovecs are the zeroed memory, nothing is filled in), then
+    "done" to stdout and a return (exit 0). The iovec array starts at 64 KiB; memory is sized
+    to hold it."""
+    assert 0 <= length <= 60_000
+    pages = (65536 + count * 8 + 65535) // 65536
+    fill = (
+        ""
+        if length == 0
+        else f"""
+    (memory.fill (i32.const 1024) (i32.const 121) (i32.const {length}))
+    (block $done (loop $l
+      (br_if $done (i32.ge_u (local.get $i) (i32.const {count})))
+      (local.set $p (i32.add (i32.const 65536) (i32.shl (local.get $i) (i32.const 3))))
+      (i32.store (local.get $p) (i32.const 1024))
+      (i32.store offset=4 (local.get $p) (i32.const {length}))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $l)))"""
+    )
+    return wat(f"""(module
+  {_FD_WRITE}
+  (memory (export "memory") {pages})
+  (data (i32.const 64) "done")
+  (func (export "_start")
+    (local $i i32) (local $p i32)
+    {fill}
+    (drop (call $fd_write (i32.const 1) (i32.const 65536) (i32.const {count}) (i32.const 16)))
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 4))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))))""")
+
+
+def iovecs_past_memory() -> bytes:
+    """One ``fd_write`` whose iovec count (0xFFFFFFFF) runs far past the end of memory."""
+    return wat(f"""(module
+  {_FD_WRITE}
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const -1) (i32.const 16)))))""")
+
+
+def spin_then_write(iterations: int) -> bytes:
+    """Write "begin\\n", count to ``iterations`` in a wasm loop, then write "end\\n" (exit 0)."""
+    return wat(f"""(module
+  {_FD_WRITE}
+  (memory (export "memory") 1)
+  (data (i32.const 32) "begin\\n")
+  (data (i32.const 48) "end\\n")
+  (func (export "_start")
+    (local $i i32)
+    (i32.store (i32.const 0) (i32.const 32))
+    (i32.store (i32.const 4) (i32.const 6))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
+    (loop $l
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $l (i32.lt_u (local.get $i) (i32.const {iterations}))))
+    (i32.store (i32.const 0) (i32.const 48))
+    (i32.store (i32.const 4) (i32.const 4))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))))""")
+
+
+def _sleep_then(seconds: float, then: str) -> bytes:
+    ns = int(seconds * 1e9)
+    return wat(f"""(module
+  (import "wasi_snapshot_preview1" "poll_oneoff"
+    (func $poll_oneoff (param i32 i32 i32 i32) (result i32)))
+  {_FD_WRITE}
+  (memory (export "memory") 1)
+  (data (i32.const 1024) "woke\\n")
+  (func (export "_start")
+    (i64.store (i32.const 0) (i64.const 7))
+    (i32.store8 (i32.const 8) (i32.const 0))
+    (i32.store (i32.const 16) (i32.const 1))
+    (i64.store (i32.const 24) (i64.const {ns}))
+    (i64.store (i32.const 32) (i64.const 0))
+    (i32.store16 (i32.const 40) (i32.const 0))
+    (drop (call $poll_oneoff (i32.const 0) (i32.const 256) (i32.const 1) (i32.const 512)))
+    {then}))""")
+
+
+def sleep_then_write(seconds: float) -> bytes:
+    """Sleep ``seconds`` in poll_oneoff, then write "woke\\n" to stdout (exit 0)."""
+    return _sleep_then(
+        seconds,
+        """(i32.store (i32.const 64) (i32.const 1024))
+    (i32.store (i32.const 68) (i32.const 5))
+    (drop (call $fd_write (i32.const 1) (i32.const 64) (i32.const 1) (i32.const 80)))""",
+    )
+
+
+def sleep_then_trap(seconds: float) -> bytes:
+    """Sleep ``seconds`` in poll_oneoff, then trap (unreachable)."""
+    return _sleep_then(seconds, "unreachable")

@@ -9,17 +9,19 @@ Order matters:
 2. ``unshare(CLONE_NEWNET)`` (needs CAP_SYS_ADMIN, so before dropping root): native binaries
    get a network namespace of their own with nothing but a loopback, brought up so that a
    program may talk to itself over 127.0.0.1;
-3. hard rlimits on the worker itself, inherited by native children from their first
+3. when root, ``unshare(CLONE_NEWNS)``: a private ``/tmp``, ``/var/tmp``, ``/dev/shm`` and a
+   ``/proc`` showing only the worker's uid (:func:`_private_mounts`);
+4. hard rlimits on the worker itself, inherited by native children from their first
    instruction (NOFILE, CORE, FSIZE, NPROC); per-call limits are lowered further with
    ``prlimit`` right after spawn;
-4. when root: drop to a dedicated uid/gid (claimed by the pool, see :func:`claim_uids`) so RLIMIT_NPROC is enforced (root
-   ignores it) and ``kill(-1, SIGKILL)`` reaches exactly this worker's leftovers. The worker
-   writes no file: compiled modules are written by the pool into the node's module cache. It
-   keeps CAP_DAC_READ_SEARCH only (read and search, never write), to open artifacts and cached
-   modules under a data directory the server may keep private (pytest's 0700 temp dirs, a
-   0700 data dir); ``no_new_privs`` plus a non-zero uid means a native child's execve clears
-   every capability, so native code never has it;
-5. parent-death signal, so a dead server leaves no worker behind (set after the uid change,
+5. when root: drop to a dedicated uid/gid (claimed by the pool, see :func:`claim_uids`) so
+   RLIMIT_NPROC is enforced (root ignores it) and ``kill(-1, SIGKILL)`` reaches exactly this
+   worker's leftovers. The worker writes no file outside its private ``/tmp``. It keeps
+   CAP_DAC_READ_SEARCH only (read and search, never write), to open artifacts under a data
+   directory the server may keep private (pytest's 0700 temp dirs, a 0700 data dir);
+   ``no_new_privs`` plus a non-zero uid means a native child's execve clears every
+   capability, so native code never has it;
+6. parent-death signal, so a dead server leaves no worker behind (set after the uid change,
    which would clear it).
 """
 
@@ -30,6 +32,7 @@ import ctypes
 import fcntl
 import os
 import resource
+import shutil
 import signal
 import socket
 import struct
@@ -54,6 +57,12 @@ _PR_SET_KEEPCAPS: Final = 8
 _PR_SET_CHILD_SUBREAPER: Final = 36
 _PR_SET_NO_NEW_PRIVS: Final = 38
 _CLONE_NEWNET: Final = 0x40000000
+_CLONE_NEWNS: Final = 0x00020000
+_MS_NOSUID: Final = 0x2
+_MS_NODEV: Final = 0x4
+_MS_NOEXEC: Final = 0x8
+_MS_REC: Final = 0x4000
+_MS_PRIVATE: Final = 0x40000
 _SIOCGIFFLAGS: Final = 0x8913
 _SIOCSIFFLAGS: Final = 0x8914
 _IFF_UP: Final = 0x1
@@ -64,6 +73,9 @@ _CAP_DAC_READ_SEARCH: Final = 2
 WORKER_NOFILE: Final = 256
 WORKER_FSIZE: Final = 1 << 30  # bounds the output memfds between calls
 WORKER_AS: Final = 8 << 30  # backstop for the worker itself; its binaries get per-call limits
+#: The worker's private scratch file systems (what native calls may write, wiped after each).
+PRIVATE_TMP: Final = ("/tmp", "/var/tmp", "/dev/shm")
+PRIVATE_TMP_SIZE: Final = "64m"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -88,6 +100,10 @@ class SandboxInfo:
     subreaper: bool = False
     netns: bool = False
     refused: list[str] = field(default_factory=list)
+    #: The private /tmp, /var/tmp, /dev/shm and hidepid /proc are in place (this side only).
+    private_tmp: bool = False
+    #: An O_PATH descriptor of the host's "/" from before those mounts (this side only).
+    host_root: int | None = None
 
     @property
     def nproc_enforced(self) -> bool:
@@ -151,10 +167,60 @@ def _loopback_up() -> None:
         fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | _IFF_UP))
 
 
-def setup_worker(uid: int | None) -> SandboxInfo:
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    if _libc.mount(
+        source and source.encode(), target.encode(), fstype and fstype.encode(),
+        ctypes.c_ulong(flags), data and data.encode(),
+    ) != 0:
+        raise OSError(ctypes.get_errno(), f"mount {target}: {_errno()}")
+
+
+def _private_mounts(uid: int, scratch: str) -> None:
+    """A mount namespace of the worker's own: empty, size-capped ``/tmp``, ``/var/tmp`` and
+    ``/dev/shm`` (nothing a native call writes there reaches the host or the next call: the
+    worker wipes them after each call, and they vanish with the worker), and a ``/proc`` that
+    shows only this uid's processes (``hidepid``: not the server, its command line, or any
+    other process of the host). The worker's scratch directory is made again inside the new
+    ``/tmp``."""
+    if _libc.unshare(_CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), f"unshare(CLONE_NEWNS): {_errno()}")
+    # Mounts made here must not propagate back to the host.
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE, None)
+    for target in PRIVATE_TMP:
+        if os.path.isdir(target):
+            _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV,
+                   f"size={PRIVATE_TMP_SIZE},mode=1777")
+    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=invisible")
+    os.makedirs(scratch, mode=0o700, exist_ok=True)
+    os.chown(scratch, uid, uid)
+
+
+def wipe_private_tmp(keep: str) -> None:
+    """Remove everything a call left in the private scratch file systems (but ``keep``, the
+    worker's own scratch directory, whose call directories are handled apart)."""
+    for root in PRIVATE_TMP:
+        try:
+            entries = os.listdir(root)
+        except OSError:
+            continue
+        for name in entries:
+            path = os.path.join(root, name)
+            if path == keep:
+                continue
+            with contextlib.suppress(OSError):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    with contextlib.suppress(OSError):
+                        os.chmod(path, 0o700)  # a call may have locked its own directory
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
+
+
+def setup_worker(uid: int | None, scratch: str | None = None) -> SandboxInfo:
     """Harden the current (worker) process; see the module docstring.
 
-    ``uid`` is the dedicated uid to drop to when running as root (None: stay as is).
+    ``uid`` is the dedicated uid to drop to when running as root (None: stay as is);
+    ``scratch`` its scratch directory, made again inside its private ``/tmp``.
     """
     info = SandboxInfo()
     info.subreaper = _prctl(_PR_SET_CHILD_SUBREAPER, 1)
@@ -168,6 +234,16 @@ def setup_worker(uid: int | None) -> SandboxInfo:
             info.refused.append(f"loopback up: {exc.strerror}")
     else:
         info.refused.append(f"unshare(CLONE_NEWNET): {_errno()}")
+    if os.geteuid() == 0 and uid is not None and scratch is not None:
+        try:
+            # The host's file tree as it was before the new mounts, for the worker alone
+            # (close-on-exec; a non-dumpable worker's fds are closed to its children's
+            # /proc/<pid>/fd): artifacts under a host /tmp stay reachable to it.
+            info.host_root = os.open("/", os.O_PATH | os.O_CLOEXEC)
+            _private_mounts(uid, scratch)
+            info.private_tmp = True
+        except OSError as exc:
+            info.refused.append(f"private mounts: {exc.strerror}")
     # Writes past a cap must fail with EFBIG in the worker, not kill it.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     limits = [

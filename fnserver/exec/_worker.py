@@ -37,7 +37,13 @@ from ..protocol import (
     InvokeResult,
     encode_frame,
 )
-from ._sandbox import WORKER_FSIZE, SandboxInfo, kill_descendants, setup_worker
+from ._sandbox import (
+    WORKER_FSIZE,
+    SandboxInfo,
+    kill_descendants,
+    setup_worker,
+    wipe_private_tmp,
+)
 from ._wire import (
     PIPE_MAX_FRAME,
     PipeError,
@@ -141,6 +147,7 @@ class Worker:
         timeout_ms = req.timeout_ms
         cpu_s = max(1, math.ceil(timeout_ms / 1000))
         workdir = self._call_dir()
+        exe_fd = self._open_binary(path)
         in_fd = _memfd("stdin")
         try:
             data = req.input
@@ -162,7 +169,7 @@ class Worker:
             started = time.perf_counter_ns()
             try:
                 pid = os.posix_spawn(
-                    path,
+                    f"/proc/self/fd/{exe_fd}" if exe_fd is not None else path,
                     [name, *req.args],
                     {},
                     file_actions=[
@@ -190,6 +197,11 @@ class Worker:
         finally:
             kill_descendants(self.info)
             os.close(in_fd)
+            if exe_fd is not None:
+                os.close(exe_fd)
+            if self.info.private_tmp:
+                # Nothing a call wrote outlives it (its processes are all dead by now).
+                wipe_private_tmp(keep=self.scratch)
         output, out_size = _read_fd(self.out_fd, cap)
         stderr, _ = _read_fd(self.err_fd, min(cap, STDERR_MAX))
         self._reset_outputs()
@@ -213,6 +225,20 @@ class Worker:
             memory_peak=usage.ru_maxrss * 1024,
             mode="native",
         )
+
+    def _open_binary(self, path: str) -> int | None:
+        """With a private /tmp the host's tree is reached through the worker's own handle on
+        it (an artifact may live under the host's /tmp): the binary, opened close-on-exec,
+        is run as /proc/self/fd/N. None: run it by its path."""
+        root = self.info.host_root
+        if root is None:
+            return None
+        try:
+            return os.open(path.lstrip("/"), os.O_RDONLY | os.O_CLOEXEC, dir_fd=root)
+        except OSError as exc:
+            raise InvalidArgumentError(
+                f"cannot open the function's binary: {exc.strerror}", {"errno": exc.errno}
+            ) from None
 
     def _call_dir(self) -> str:
         """An empty working directory for a native call.
@@ -306,7 +332,7 @@ def main() -> None:
     os.dup2(2, 1)
     os.close(null)
     sys.stdout = sys.stderr
-    info = setup_worker(uid)
+    info = setup_worker(uid, scratch)
     if info.uid is not None and os.access(cache_dir, os.W_OK):
         # Reported, not fatal: the pool's stats (and a test) show it.
         info.refused.append("the module cache is writable by the worker")

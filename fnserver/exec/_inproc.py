@@ -40,6 +40,7 @@ from typing import Final
 import wasmtime
 
 from ..protocol import (
+    FnError,
     FunctionTimeoutError,
     InvalidArgumentError,
     InvokeResult,
@@ -307,31 +308,38 @@ class WasmRunner:
         now = time.monotonic()
         if self._inline_ok and fuel is None and self.inline_policy.inline(key, now):
             try:
-                result, seconds = self._execute(eng, ready, job, inline=True)
+                outcome, seconds = self._execute(eng, ready, job, inline=True)
             except _Overran:
                 self.overruns += 1
                 self.inline_policy.overran(key, time.monotonic())
             else:
                 self.inline_calls += 1
-                self.inline_policy.note(key, seconds, time.monotonic())
-                return result
+                return self._noted(key, outcome, seconds)
         executor = self._executor
         if executor is None:
             raise UnavailableError("the server is shutting down")
         self.thread_calls += 1
-        result, seconds = await asyncio.wrap_future(
+        outcome, seconds = await asyncio.wrap_future(
             executor.submit(self._execute, eng, ready, job, inline=False), loop=loop
         )
+        return self._noted(key, outcome, seconds)
+
+    def _noted(self, key: str, outcome: InvokeResult | FnError, seconds: float) -> InvokeResult:
+        """Learn what the call cost (a call that failed after holding its thread for long
+        counts as long too), then return its result or raise its error."""
         self.inline_policy.note(key, seconds, time.monotonic())
-        return result
+        if isinstance(outcome, FnError):
+            raise outcome
+        return outcome
 
     def _execute(
         self, eng: _Engine, ready: _Ready, job: InvokeJob, *, inline: bool
-    ) -> tuple[InvokeResult, float]:
-        """One fresh-Store run on this thread; the result and what it cost the thread in
-        seconds: its CPU time plus its sleeps in host calls, not the wall time, which on a
-        busy guest thread also counts waiting for the GIL and the cores (and would make
-        every function look long, and keep it off the inline path, under load)."""
+    ) -> tuple[InvokeResult | FnError, float]:
+        """One fresh-Store run on this thread; its result (or the error the guest's failure
+        means) and what it cost the thread in seconds: its CPU time plus its sleeps in host
+        calls, not the wall time, which on a busy guest thread also counts waiting for the
+        GIL and the cores (and would make every function look long, and keep it off the
+        inline path, under load)."""
         lim = job.limits
         cap = lim.output_bytes
         ticks = math.ceil(lim.timeout_ms / 1000 / EPOCH_TICK_S) + 1
@@ -370,7 +378,10 @@ class WasmRunner:
                     raise UnavailableError("the server is shutting down")
                 if sliced:
                     raise _Overran
-            return _result(job, run, call, duration_ns // 1000), cost_s
+            try:
+                return _result(job, run, call, duration_ns // 1000), cost_s
+            except FnError as exc:  # the guest's own failure: a TIMEOUT, a trap, MEMORY
+                return exc, cost_s
         finally:
             run.close()
 

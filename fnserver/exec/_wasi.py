@@ -308,7 +308,8 @@ def fd_write(
 ) -> int | None:
     """WASI ``fd_write`` on stdout/stderr into ``call``'s bounded buffers: the errno, or None
     when the write takes the guest past its output cap (the guest is stopped; what fitted is
-    kept). Raises :class:`_GuestFault` for a bad pointer.
+    kept) or runs past the call's deadline (INTERRUPT, a timeout). Raises
+    :class:`_GuestFault` for a bad pointer.
 
     Writing past the cap stops the guest rather than failing the write: a guest that ignores
     write errors would otherwise spin until its deadline. stdout and stderr each count against
@@ -322,6 +323,10 @@ def fd_write(
     sink, keep = (call.out, call.out_cap) if fd == 1 else (call.err, call.err_keep)
     total = 0
     for i in range(n):
+        # Millions of (empty) iovecs cost Python time that no epoch deadline can interrupt:
+        # the call's deadline is checked as poll_oneoff checks it.
+        if i and i % _DEADLINE_CHECK_EVERY == 0 and _past(call):
+            return None
         ptr, length = _IOVEC.unpack_from(mem, iovs + _IOVEC.size * i)
         _check(mem, ptr, length)
         room = keep - len(sink)

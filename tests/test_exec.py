@@ -783,6 +783,26 @@ int main(int argc, char **argv) {
     }
     return 0;
 }""",
+    # Touches 1 GiB of shared memory, or (argv[1] "fork") forks first thing and has both
+    # processes touch 512 MiB of private memory.
+    "hog": r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int forked = argc > 1 && argv[1][0] == 'f';
+    pid_t p = forked ? fork() : -1;
+    size_t n = forked ? 1UL << 29 : 1UL << 30;
+    char *m = mmap(0, n, PROT_READ | PROT_WRITE,
+                   (forked ? MAP_PRIVATE : MAP_SHARED) | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) { printf("mmap refused\n"); return 3; }
+    for (size_t i = 0; i < n; i += 4096) m[i] = 1;
+    if (p > 0) waitpid(p, 0, 0);
+    printf("touched %zu MiB\n", n >> 20);
+    return 0;
+}""",
     # Sleeps argv[1] milliseconds (default 30 s).
     "nap": r"""
 #include <stdlib.h>
@@ -919,6 +939,31 @@ async def test_native_calls_leave_nothing_behind_and_see_no_host_process(
     assert lines[:4] == ["/tmp:absent", "/var/tmp:absent", "/dev/shm:absent", "cmdline:hidden"]
     # Only processes of the worker's uid: the worker and the call itself.
     assert lines[4].startswith("processes:") and int(lines[4].split(":")[1]) <= 2, lines
+
+
+@pytest.mark.parametrize("how", ["shared", "fork"])
+async def test_native_memory_counts_everything_from_the_first_instruction(
+    pool: ExecPool, tmp_path: Path, natives: dict[str, Path], how: str
+) -> None:
+    """Shared mappings count, and so does a child forked before the worker could touch it:
+    the call is born in its worker's memory cgroup. Over the limit is MEMORY_LIMIT."""
+    sandbox = pool.stats()["sandbox"]
+    if not all(s.get("uid") is not None for s in sandbox) or any(
+        r.startswith("memory cgroup") for s in sandbox for r in s["refused"]
+    ):
+        pytest.skip("no memory cgroup for the workers on this host")
+    fn = native_fn(tmp_path, "hog", natives["hog"])
+    with pytest.raises(MemoryLimitError) as exc:
+        await pool.invoke(fn.job(args=(how,), memory_mb=128, timeout_ms=60_000))
+    assert exc.value.details["memory_mb"] == 128
+    # Within its limit the same binary runs (a 64 MiB hog with a 1 GiB limit).
+    r = await pool.invoke(fn.job(args=(how,), memory_mb=2048, timeout_ms=60_000))
+    assert r.exit_code == 0 and r.output.startswith(b"touched"), (r.output, r.stderr)
+    # The worker lived through it: the next call is served by the same workers.
+    pids = set(pool.stats()["pids"])
+    echo = native_fn(tmp_path, "echo", natives["echo"])
+    assert (await pool.invoke(echo.job(input=b"after"))).output == b"after"
+    assert set(pool.stats()["pids"]) == pids
 
 
 async def test_native_calls_start_in_an_empty_directory(

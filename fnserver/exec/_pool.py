@@ -36,7 +36,7 @@ from ._handle import Call, NotStarted, WorkerDied, WorkerHandle
 from ._inproc import DEFAULT_SLOTS, ModuleRejected, WasmRunner
 from ._modules import COMPILE_TIMEOUT_S, CompiledModule, ModuleCache
 from ._policy import Placement, PolicyConfig, QueueFull, Scheduler, Ticket
-from ._sandbox import claim_uids
+from ._sandbox import claim_uids, memcg_dir
 from ._types import InvokeJob
 from ._wire import RunError, RunOk, RunRequest
 
@@ -193,6 +193,7 @@ class ExecPool:
         if self._uids:
             # Native processes in their own sessions outlive their worker: end them by uid.
             await asyncio.to_thread(_sweep_uids, set(self._uids), None)
+            await asyncio.to_thread(_remove_memcgs, self._uids)
         for w in workers:
             await asyncio.to_thread(w.remove_scratch)
         for fd in self._uid_locks:
@@ -432,6 +433,16 @@ class ExecPool:
             "compiles": self._modules.compiles if self._modules is not None else 0,
             "wasm": self.wasm.stats(),
         }
+
+
+def _remove_memcgs(uids: list[int]) -> None:
+    """Remove the workers' memory cgroups (empty once their processes are gone)."""
+    for uid in uids:
+        d = memcg_dir(uid)
+        if d is not None:
+            for group in (os.path.join(d, "call"), d):
+                with contextlib.suppress(OSError):
+                    os.rmdir(group)
 
 
 def _sweep_uids(uids: set[int], stop: threading.Event | None) -> None:

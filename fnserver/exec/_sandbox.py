@@ -10,7 +10,8 @@ Order matters:
    get a network namespace of their own with nothing but a loopback, brought up so that a
    program may talk to itself over 127.0.0.1;
 3. when root, ``unshare(CLONE_NEWNS)``: a private ``/tmp``, ``/var/tmp``, ``/dev/shm`` and a
-   ``/proc`` showing only the worker's uid (:func:`_private_mounts`);
+   ``/proc`` showing only the worker's uid (:func:`_private_mounts`); and a memory cgroup of
+   the worker's own, whose ``call`` group its native calls are born in (:func:`_memory_cgroup`);
 4. hard rlimits on the worker itself, inherited by native children from their first
    instruction (NOFILE, CORE, FSIZE, NPROC); per-call limits are lowered further with
    ``prlimit`` right after spawn;
@@ -104,6 +105,8 @@ class SandboxInfo:
     private_tmp: bool = False
     #: An O_PATH descriptor of the host's "/" from before those mounts (this side only).
     host_root: int | None = None
+    #: The worker's memory cgroup (v1) directory, when the host has one (this side only).
+    memcg: str | None = None
 
     @property
     def nproc_enforced(self) -> bool:
@@ -195,6 +198,48 @@ def _private_mounts(uid: int, scratch: str) -> None:
     os.chown(scratch, uid, uid)
 
 
+MEMCG_ROOT: Final = "/sys/fs/cgroup/memory"
+#: What the worker writes or reads per call, after dropping root: its own group's
+#: ``cgroup.procs`` (to move back into it) and its call group's files.
+_MEMCG_BASE_FILES: Final = ("cgroup.procs",)
+_MEMCG_CALL_FILES: Final = ("cgroup.procs", "memory.limit_in_bytes", "memory.oom_control")
+
+
+def memcg_dir(uid: int) -> str | None:
+    """Where the memory cgroup of the worker with ``uid`` lives, under this process's own
+    memory cgroup (v1); None when the host has none. Its ``call`` child is the call's."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if "memory" in controllers.split(","):
+                    base = MEMCG_ROOT + ("" if path == "/" else path)
+                    return f"{base}/fnserver-{uid}" if os.path.isdir(base) else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _memory_cgroup(uid: int) -> str:
+    """Put this (worker) process in a memory cgroup of its own, with a ``call`` child group
+    the worker may configure and enter after dropping root. The worker steps into ``call``
+    just for the spawn, so a native call is born there: everything it and its descendants
+    touch, shared mappings and page cache included, counts against the call's limit from
+    its first instruction, and the OOM killer of that group reaches the call alone."""
+    d = memcg_dir(uid)
+    if d is None:
+        raise OSError(0, "no memory cgroup")
+    call = os.path.join(d, "call")
+    os.makedirs(call, exist_ok=True)
+    for name in _MEMCG_BASE_FILES:
+        os.chown(os.path.join(d, name), uid, uid)
+    for name in _MEMCG_CALL_FILES:
+        os.chown(os.path.join(call, name), uid, uid)
+    with open(os.path.join(d, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    return d
+
+
 def wipe_private_tmp(keep: str) -> None:
     """Remove everything a call left in the private scratch file systems (but ``keep``, the
     worker's own scratch directory, whose call directories are handled apart)."""
@@ -244,6 +289,11 @@ def setup_worker(uid: int | None, scratch: str | None = None) -> SandboxInfo:
             info.private_tmp = True
         except OSError as exc:
             info.refused.append(f"private mounts: {exc.strerror}")
+    if os.geteuid() == 0 and uid is not None:
+        try:
+            info.memcg = _memory_cgroup(uid)
+        except OSError as exc:
+            info.refused.append(f"memory cgroup: {exc.strerror or exc} ({exc.filename})")
     # Writes past a cap must fail with EFBIG in the worker, not kill it.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     limits = [

@@ -35,6 +35,7 @@ from ..protocol import (
     InternalError,
     InvalidArgumentError,
     InvokeResult,
+    MemoryLimitError,
     encode_frame,
 )
 from ._sandbox import (
@@ -61,6 +62,24 @@ STDERR_MAX: Final = 64 * 1024
 #: Native processes a single call may run at once, on top of the worker's own threads.
 NATIVE_NPROC: Final = 32
 NATIVE_NOFILE: Final = 64
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _oom_kills(memcg: str) -> int:
+    for line in _read(f"{memcg}/memory.oom_control").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    return 0
 
 
 def _memfd(name: str) -> int:
@@ -149,6 +168,7 @@ class Worker:
         workdir = self._call_dir()
         exe_fd = self._open_binary(path)
         in_fd = _memfd("stdin")
+        oom_before: int | None = None
         try:
             data = req.input
             view = memoryview(data)
@@ -163,6 +183,7 @@ class Worker:
             # the worker's own NPROC (72 here): seen as 67 storm processes, 12 calls in 300
             # started with it (tests/test_exec.py::test_native_limits_hold_from_the_start).
             nproc = self._native_nproc()
+            oom_before = self._memcg_arm(req.memory_mb)
             resource.setrlimit(resource.RLIMIT_FSIZE, (cap + 1, WORKER_FSIZE))
             if nproc is not None:
                 resource.setrlimit(resource.RLIMIT_NPROC, (nproc, self._worker_nproc))
@@ -186,6 +207,8 @@ class Worker:
                     f"cannot execute the function's binary: {exc.strerror}", {"errno": exc.errno}
                 ) from None
             finally:
+                if oom_before is not None:
+                    self._memcg_leave()
                 resource.setrlimit(resource.RLIMIT_FSIZE, (WORKER_FSIZE, WORKER_FSIZE))
                 if nproc is not None:
                     resource.setrlimit(resource.RLIMIT_NPROC, (self._worker_nproc,) * 2)
@@ -199,6 +222,7 @@ class Worker:
             os.close(in_fd)
             if exe_fd is not None:
                 os.close(exe_fd)
+            oom_killed = self._memcg_oom_killed(oom_before)
             if self.info.private_tmp:
                 # Nothing a call wrote outlives it (its processes are all dead by now).
                 wipe_private_tmp(keep=self.scratch)
@@ -207,6 +231,11 @@ class Worker:
         self._reset_outputs()
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
         cpu_used = usage.ru_utime + usage.ru_stime
+        if oom_killed and not timed_out:
+            raise MemoryLimitError(
+                f"function {name!r} hit its memory limit of {req.memory_mb} MiB",
+                {"memory_mb": req.memory_mb, "stderr": stderr},
+            )
         if timed_out or sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_used >= cpu_s):
             raise FunctionTimeoutError(
                 f"function {name!r} timed out after {timeout_ms} ms",
@@ -225,6 +254,35 @@ class Worker:
             memory_peak=usage.ru_maxrss * 1024,
             mode="native",
         )
+
+    def _memcg_arm(self, memory_mb: int) -> int | None:
+        """Set the call group's limit to ``memory_mb`` and step the worker into it for the
+        spawn (the child is born there; :meth:`_memcg_leave` steps back). Returns the
+        group's OOM-kill count so far (None: no cgroup, or the host refused)."""
+        d = self.info.memcg
+        if d is None:
+            return None
+        try:
+            _write(f"{d}/call/memory.limit_in_bytes", str(memory_mb << 20))
+            before = _oom_kills(f"{d}/call")
+            _write(f"{d}/call/cgroup.procs", str(os.getpid()))
+        except (OSError, ValueError):
+            return None
+        return before
+
+    def _memcg_leave(self) -> None:
+        """The worker back in its own group, right after the spawn."""
+        _write(f"{self.info.memcg}/cgroup.procs", str(os.getpid()))
+
+    def _memcg_oom_killed(self, before: int | None) -> bool:
+        """True if the call group's OOM killer ended a process of this call."""
+        d = self.info.memcg
+        if d is None or before is None:
+            return False
+        try:
+            return _oom_kills(f"{d}/call") > before
+        except (OSError, ValueError):
+            return False
 
     def _open_binary(self, path: str) -> int | None:
         """With a private /tmp the host's tree is reached through the worker's own handle on
@@ -285,7 +343,6 @@ class Worker:
             # RLIMIT_AS, while RLIMIT_DATA counts what it really allocates. Measured with a
             # static Go hello: DATA 128 MiB alone runs, DATA 128 MiB + AS 1152 MiB dies at
             # start, AS >= 2 GiB runs; so address space gets a fixed 4 GiB backstop.
-            (resource.RLIMIT_DATA, (req.memory_mb << 20,) * 2),
             (resource.RLIMIT_AS, (max(4096, req.memory_mb * 2) << 20,) * 2),
             (resource.RLIMIT_FSIZE, (cap + 1, cap + 1)),
             (resource.RLIMIT_NOFILE, (NATIVE_NOFILE, NATIVE_NOFILE)),
@@ -293,6 +350,10 @@ class Worker:
         ]
         if nproc is not None:
             limits.append((resource.RLIMIT_NPROC, (nproc, nproc)))
+        if self.info.memcg is None:
+            # Without a memory cgroup, the data segment is the best bound there is (it misses
+            # shared mappings, and a child forked before this line escapes it).
+            limits.append((resource.RLIMIT_DATA, (req.memory_mb << 20,) * 2))
         for which, value in limits:
             with contextlib.suppress(OSError, ValueError):
                 resource.prlimit(pid, which, value)

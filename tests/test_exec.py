@@ -788,10 +788,33 @@ int main(int argc, char **argv) {
     "hog": r"""
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
+static void try_write(const char *what, const char *path, const char *value) {
+    FILE *f = fopen(path, "w");
+    int ok = f && fputs(value, f) >= 0 && fflush(f) == 0;
+    printf("%s:%s\n", what, ok ? "WROTE" : "refused");
+    if (f) fclose(f);
+}
 int main(int argc, char **argv) {
+    if (argc > 1 && argv[1][0] == 'x') {  /* try to lift the limit, or to leave the group */
+        char line[512], path[1024], pid[32];
+        FILE *c = fopen("/proc/self/cgroup", "r");
+        while (c && fgets(line, sizeof line, c))
+            if (strstr(line, ":memory:")) {
+                char *rel = strchr(strchr(line, ':') + 1, ':') + 1;
+                rel[strcspn(rel, "\n")] = 0;
+                snprintf(path, sizeof path, "/sys/fs/cgroup/memory%s/memory.limit_in_bytes", rel);
+                try_write("limit", path, "-1");
+                *strrchr(rel, '/') = 0;
+                snprintf(path, sizeof path, "/sys/fs/cgroup/memory%s/cgroup.procs", rel);
+                snprintf(pid, sizeof pid, "%d", getpid());
+                try_write("leave", path, pid);
+            }
+        return 0;
+    }
     int forked = argc > 1 && argv[1][0] == 'f';
     pid_t p = forked ? fork() : -1;
     size_t n = forked ? 1UL << 29 : 1UL << 30;
@@ -959,6 +982,9 @@ async def test_native_memory_counts_everything_from_the_first_instruction(
     # Within its limit the same binary runs (a 64 MiB hog with a 1 GiB limit).
     r = await pool.invoke(fn.job(args=(how,), memory_mb=2048, timeout_ms=60_000))
     assert r.exit_code == 0 and r.output.startswith(b"touched"), (r.output, r.stderr)
+    # The call can neither lift its own limit nor move itself out of its group.
+    r = await pool.invoke(fn.job(args=("x",)))
+    assert r.output == b"limit:refused\nleave:refused\n", (r.output, r.stderr)
     # The worker lived through it: the next call is served by the same workers.
     pids = set(pool.stats()["pids"])
     echo = native_fn(tmp_path, "echo", natives["echo"])

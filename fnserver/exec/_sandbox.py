@@ -105,8 +105,8 @@ class SandboxInfo:
     private_tmp: bool = False
     #: An O_PATH descriptor of the host's "/" from before those mounts (this side only).
     host_root: int | None = None
-    #: The worker's memory cgroup (v1) directory, when the host has one (this side only).
-    memcg: str | None = None
+    #: The worker's memory cgroup (v1), when the host has one (this side only).
+    memcg: MemoryCgroup | None = None
 
     @property
     def nproc_enforced(self) -> bool:
@@ -199,12 +199,6 @@ def _private_mounts(uid: int, scratch: str) -> None:
 
 
 MEMCG_ROOT: Final = "/sys/fs/cgroup/memory"
-#: What the worker writes or reads per call, after dropping root: its own group's
-#: ``cgroup.procs`` (to move back into it) and its call group's files.
-_MEMCG_BASE_FILES: Final = ("cgroup.procs",)
-_MEMCG_CALL_FILES: Final = ("cgroup.procs", "memory.limit_in_bytes", "memory.oom_control")
-
-
 def memcg_dir(uid: int) -> str | None:
     """Where the memory cgroup of the worker with ``uid`` lives, under this process's own
     memory cgroup (v1); None when the host has none. Its ``call`` child is the call's."""
@@ -220,24 +214,40 @@ def memcg_dir(uid: int) -> str | None:
     return None
 
 
-def _memory_cgroup(uid: int) -> str:
-    """Put this (worker) process in a memory cgroup of its own, with a ``call`` child group
-    the worker may configure and enter after dropping root. The worker steps into ``call``
-    just for the spawn, so a native call is born there: everything it and its descendants
-    touch, shared mappings and page cache included, counts against the call's limit from
-    its first instruction, and the OOM killer of that group reaches the call alone."""
+@dataclass(frozen=True)
+class MemoryCgroup:
+    """Descriptors on the worker's memory cgroup files, opened while still root: writing
+    through them needs no permission on the files, which stay root's, so a native call
+    (the worker's uid) can neither lift its limit nor leave its group."""
+
+    path: str
+    call_procs: int
+    own_procs: int
+    call_limit: int
+    call_oom: int
+
+
+def _memory_cgroup(uid: int) -> MemoryCgroup:
+    """Put this (worker) process in a memory cgroup of its own with a ``call`` child group.
+    The worker steps into ``call`` just for the spawn, so a native call is born there:
+    everything it and its descendants touch, shared mappings and page cache included,
+    counts against the call's limit from its first instruction, and the OOM killer of that
+    group reaches the call alone."""
     d = memcg_dir(uid)
     if d is None:
         raise OSError(0, "no memory cgroup")
     call = os.path.join(d, "call")
     os.makedirs(call, exist_ok=True)
-    for name in _MEMCG_BASE_FILES:
-        os.chown(os.path.join(d, name), uid, uid)
-    for name in _MEMCG_CALL_FILES:
-        os.chown(os.path.join(call, name), uid, uid)
-    with open(os.path.join(d, "cgroup.procs"), "w") as f:
-        f.write(str(os.getpid()))
-    return d
+    flags = os.O_CLOEXEC
+    group = MemoryCgroup(
+        path=d,
+        call_procs=os.open(os.path.join(call, "cgroup.procs"), os.O_WRONLY | flags),
+        own_procs=os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | flags),
+        call_limit=os.open(os.path.join(call, "memory.limit_in_bytes"), os.O_WRONLY | flags),
+        call_oom=os.open(os.path.join(call, "memory.oom_control"), os.O_RDONLY | flags),
+    )
+    os.write(group.own_procs, str(os.getpid()).encode())
+    return group
 
 
 def wipe_private_tmp(keep: str) -> None:

@@ -64,18 +64,8 @@ NATIVE_NPROC: Final = 32
 NATIVE_NOFILE: Final = 64
 
 
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
-
-
-def _write(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
-
-
-def _oom_kills(memcg: str) -> int:
-    for line in _read(f"{memcg}/memory.oom_control").splitlines():
+def _oom_kills(fd: int) -> int:
+    for line in os.pread(fd, 4096, 0).decode().splitlines():
         key, _, value = line.partition(" ")
         if key == "oom_kill":
             return int(value)
@@ -102,6 +92,8 @@ class Worker:
         self.scratch = scratch  # made (and removed) by the pool: a killed worker cleans nothing
         self._last_dir: str | None = None
         self._worker_nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        self._pid = str(os.getpid()).encode()
+        self._memcg_limit_mb = -1
         os.chdir(self.scratch)
 
     # -- pipe -------------------------------------------------------------------------------
@@ -259,28 +251,31 @@ class Worker:
         """Set the call group's limit to ``memory_mb`` and step the worker into it for the
         spawn (the child is born there; :meth:`_memcg_leave` steps back). Returns the
         group's OOM-kill count so far (None: no cgroup, or the host refused)."""
-        d = self.info.memcg
-        if d is None:
+        g = self.info.memcg
+        if g is None:
             return None
         try:
-            _write(f"{d}/call/memory.limit_in_bytes", str(memory_mb << 20))
-            before = _oom_kills(f"{d}/call")
-            _write(f"{d}/call/cgroup.procs", str(os.getpid()))
+            if memory_mb != self._memcg_limit_mb:
+                os.write(g.call_limit, str(memory_mb << 20).encode())
+                self._memcg_limit_mb = memory_mb
+            before = _oom_kills(g.call_oom)
+            os.write(g.call_procs, self._pid)
         except (OSError, ValueError):
             return None
         return before
 
     def _memcg_leave(self) -> None:
         """The worker back in its own group, right after the spawn."""
-        _write(f"{self.info.memcg}/cgroup.procs", str(os.getpid()))
+        if self.info.memcg is not None:
+            os.write(self.info.memcg.own_procs, self._pid)
 
     def _memcg_oom_killed(self, before: int | None) -> bool:
         """True if the call group's OOM killer ended a process of this call."""
-        d = self.info.memcg
-        if d is None or before is None:
+        g = self.info.memcg
+        if g is None or before is None:
             return False
         try:
-            return _oom_kills(f"{d}/call") > before
+            return _oom_kills(g.call_oom) > before
         except (OSError, ValueError):
             return False
 

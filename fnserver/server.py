@@ -52,6 +52,7 @@ class FnServer:
             cache_dir=config.modules_dir,
             wasm_slots=config.wasm_slots,
             wasm_per_function=config.wasm_per_function,
+            hidden=(config.data_dir, config.cache_dir),
         )
         self.builder = Builder(
             config.cache_dir,

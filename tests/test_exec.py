@@ -17,6 +17,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -826,6 +827,18 @@ int main(int argc, char **argv) {
     printf("touched %zu MiB\n", n >> 20);
     return 0;
 }""",
+    # Counts the entries of directory argv[1] (-1: cannot open it).
+    "ls": r"""
+#include <dirent.h>
+#include <stdio.h>
+int main(int argc, char **argv) {
+    DIR *d = opendir(argv[1]);
+    int n = 0;
+    if (!d) { printf("-1\n"); return 0; }
+    while (readdir(d)) n++;
+    printf("%d\n", n - 2);
+    return 0;
+}""",
     # Sleeps argv[1] milliseconds (default 30 s).
     "nap": r"""
 #include <stdlib.h>
@@ -990,6 +1003,36 @@ async def test_native_memory_counts_everything_from_the_first_instruction(
     echo = native_fn(tmp_path, "echo", natives["echo"])
     assert (await pool.invoke(echo.job(input=b"after"))).output == b"after"
     assert set(pool.stats()["pids"]) == pids
+
+
+async def test_native_calls_cannot_see_the_store(natives: dict[str, Path]) -> None:
+    """The store and the caches are covered by empty file systems in the worker's mount
+    namespace: a native function sees nothing of them, its own version directory included
+    (it runs all the same: the worker opens its binary through its own handle)."""
+    # Outside /tmp (which the worker's private /tmp covers anyway), under a directory every
+    # uid may search, so that "sees nothing" is the cover and not a permission.
+    base = Path("/var/lib")
+    if os.geteuid() != 0 or not os.access(base, os.W_OK):
+        pytest.skip("the private mounts need a server started as root")
+    root = Path(tempfile.mkdtemp(prefix="fnserver-store-test-", dir=base))
+    try:
+        os.chmod(root, 0o755)
+        fn = native_fn(root, "ls", natives["ls"])
+        store = root / "data"
+        assert len(list(store.iterdir())) == 1
+        async with open_pool(root, 1, hidden=(store,)) as p:
+            (p.cache_dir / "planted.cwasm").write_bytes(b"x")  # something there to see
+            # Empty covers, and nothing under them (-1: no such directory).
+            for path, seen in ((store, b"0\n"), (p.cache_dir, b"0\n"),
+                               (fn.artifact.parent, b"-1\n")):
+                r = await p.invoke(fn.job(args=(str(path),)))
+                assert r.output == seen, (path, r.output, r.stderr)
+            assert all(
+                "the module cache is writable by the worker" not in s["refused"]
+                for s in p.stats()["sandbox"]
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 async def test_native_calls_start_in_an_empty_directory(

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from ..protocol import FnError, FrameDecoder
 from ._policy import Ticket
-from ._sandbox import child_env
+from ._sandbox import HIDDEN_ENV, child_env
 from ._wire import (
     PIPE_MAX_FRAME,
     PipeError,
@@ -167,7 +167,13 @@ class WorkerHandle:
     """
 
     def __init__(
-        self, index: int, listener: WorkerListener, *, cache_dir: Path, uid: int | None
+        self,
+        index: int,
+        listener: WorkerListener,
+        *,
+        cache_dir: Path,
+        uid: int | None,
+        hidden: tuple[Path, ...] = (),
     ) -> None:
         self.index = index
         self._listener = listener
@@ -197,7 +203,9 @@ class WorkerHandle:
                 close_fds=True,
                 start_new_session=True,
                 cwd="/",
-                env=child_env(),
+                # Through the environment, not argv: a native call may read its worker's
+                # command line (same uid), never its environment (the worker is not dumpable).
+                env={**child_env(), HIDDEN_ENV: os.pathsep.join(str(p) for p in hidden)},
             )
         except BaseException:
             self.remove_scratch()

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -76,7 +76,8 @@ class ExecPool:
     in a FIFO (a job whose function is at its cap does not block the ones behind it). Past the
     queue both fail fast with :class:`UnavailableError`. ``cache_dir`` is the node's
     compiled-module cache (created 0755; written only by this process after a compile,
-    never by a worker). ``policy`` overrides the scheduler's knobs (tests, benchmarks);
+    never by a worker); it and the ``hidden`` directories (the store, the build caches) are
+    out of sight of native calls. ``policy`` overrides the scheduler's knobs (tests, benchmarks);
     ``compile_timeout_s`` bounds one compile.
     """
 
@@ -91,6 +92,7 @@ class ExecPool:
         compile_timeout_s: float = COMPILE_TIMEOUT_S,
         wasm_slots: int = DEFAULT_SLOTS,
         wasm_per_function: int | None = None,
+        hidden: Sequence[Path] = (),
     ) -> None:
         self.size = workers if workers is not None else (os.cpu_count() or 1)
         if self.size < 1:
@@ -106,6 +108,8 @@ class ExecPool:
             )
         self._sched: Scheduler[WorkerHandle, _Waiter] = Scheduler(policy)
         self._compile_timeout_s = compile_timeout_s
+        # Directories no native call may see (the store, the caches): see _sandbox.py.
+        self._hidden = tuple(Path(p).absolute() for p in (*hidden, cache_dir))
         self.wasm = WasmRunner(
             cache_dir=self.cache_dir,
             slots=wasm_slots,
@@ -160,7 +164,9 @@ class ExecPool:
 
     async def _spawn(self, index: int) -> WorkerHandle:
         uid = self._uids[index] if self._uids else None
-        worker = WorkerHandle(index, self, cache_dir=self.cache_dir, uid=uid)
+        worker = WorkerHandle(
+            index, self, cache_dir=self.cache_dir, uid=uid, hidden=self._hidden
+        )
         self._workers[index] = worker
         await worker.connect()
         return worker

@@ -77,6 +77,9 @@ WORKER_AS: Final = 8 << 30  # backstop for the worker itself; its binaries get p
 #: The worker's private scratch file systems (what native calls may write, wiped after each).
 PRIVATE_TMP: Final = ("/tmp", "/var/tmp", "/dev/shm")
 PRIVATE_TMP_SIZE: Final = "64m"
+#: The worker's environment variable naming the directories to hide (os.pathsep-joined).
+HIDDEN_ENV: Final = "FNSERVER_HIDDEN"
+_MS_RDONLY: Final = 0x1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -178,13 +181,15 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
         raise OSError(ctypes.get_errno(), f"mount {target}: {_errno()}")
 
 
-def _private_mounts(uid: int, scratch: str) -> None:
+def _private_mounts(uid: int, scratch: str, hidden: tuple[str, ...]) -> None:
     """A mount namespace of the worker's own: empty, size-capped ``/tmp``, ``/var/tmp`` and
     ``/dev/shm`` (nothing a native call writes there reaches the host or the next call: the
     worker wipes them after each call, and they vanish with the worker), and a ``/proc`` that
     shows only this uid's processes (``hidepid``: not the server, its command line, or any
-    other process of the host). The worker's scratch directory is made again inside the new
-    ``/tmp``."""
+    other process of the host). Each ``hidden`` directory (the store, the build and module
+    caches) is covered by an empty read-only file system: the worker reaches artifacts only
+    through its handle on the host's tree (``SandboxInfo.host_root``), taken before. The
+    worker's scratch directory is made again inside the new ``/tmp``."""
     if _libc.unshare(_CLONE_NEWNS) != 0:
         raise OSError(ctypes.get_errno(), f"unshare(CLONE_NEWNS): {_errno()}")
     # Mounts made here must not propagate back to the host.
@@ -194,6 +199,10 @@ def _private_mounts(uid: int, scratch: str) -> None:
             _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV,
                    f"size={PRIVATE_TMP_SIZE},mode=1777")
     _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=invisible")
+    for target in hidden:
+        if os.path.isdir(target):  # one under /tmp is out of sight already
+            _mount("tmpfs", target, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+                   "size=4k,mode=0555")
     os.makedirs(scratch, mode=0o700, exist_ok=True)
     os.chown(scratch, uid, uid)
 
@@ -271,11 +280,14 @@ def wipe_private_tmp(keep: str) -> None:
                     os.unlink(path)
 
 
-def setup_worker(uid: int | None, scratch: str | None = None) -> SandboxInfo:
+def setup_worker(
+    uid: int | None, scratch: str | None = None, hidden: tuple[str, ...] = ()
+) -> SandboxInfo:
     """Harden the current (worker) process; see the module docstring.
 
     ``uid`` is the dedicated uid to drop to when running as root (None: stay as is);
-    ``scratch`` its scratch directory, made again inside its private ``/tmp``.
+    ``scratch`` its scratch directory, made again inside its private ``/tmp``; ``hidden`` the
+    directories native calls must not see.
     """
     info = SandboxInfo()
     info.subreaper = _prctl(_PR_SET_CHILD_SUBREAPER, 1)
@@ -295,7 +307,7 @@ def setup_worker(uid: int | None, scratch: str | None = None) -> SandboxInfo:
             # (close-on-exec; a non-dumpable worker's fds are closed to its children's
             # /proc/<pid>/fd): artifacts under a host /tmp stay reachable to it.
             info.host_root = os.open("/", os.O_PATH | os.O_CLOEXEC)
-            _private_mounts(uid, scratch)
+            _private_mounts(uid, scratch, hidden)
             info.private_tmp = True
         except OSError as exc:
             info.refused.append(f"private mounts: {exc.strerror}")

@@ -39,6 +39,7 @@ from ..protocol import (
     encode_frame,
 )
 from ._sandbox import (
+    HIDDEN_ENV,
     WORKER_FSIZE,
     SandboxInfo,
     kill_descendants,
@@ -388,8 +389,14 @@ def main() -> None:
     os.dup2(2, 1)
     os.close(null)
     sys.stdout = sys.stderr
-    info = setup_worker(uid, scratch)
-    if info.uid is not None and os.access(cache_dir, os.W_OK):
+    hidden = tuple(p for p in os.environ.get(HIDDEN_ENV, "").split(os.pathsep) if p)
+    info = setup_worker(uid, scratch, hidden)
+    root = info.host_root  # the cache as it is on the host, not the empty cover seen here
+    if info.uid is not None and (
+        os.access(cache_dir.lstrip("/"), os.W_OK, dir_fd=root)
+        if root is not None
+        else os.access(cache_dir, os.W_OK)
+    ):
         # Reported, not fatal: the pool's stats (and a test) show it.
         info.refused.append("the module cache is writable by the worker")
     worker = Worker(rfd, wfd, info, scratch)

@@ -57,6 +57,7 @@ def parse_command(argv: list[str] | None = None) -> Command:
     p.add_argument("--max-timeout-ms", type=int, default=d.max_timeout_ms, help=f"largest time limit a function may ask for (default {d.max_timeout_ms})")
     p.add_argument("--default-memory-mb", type=int, default=d.default_memory_mb, help=f"function memory limit when none is set (default {d.default_memory_mb})")
     p.add_argument("--max-memory-mb", type=int, default=d.max_memory_mb, help=f"largest memory limit a function may ask for (default {d.max_memory_mb})")
+    p.add_argument("--max-artifact-mb", type=int, default=d.max_artifact // (1024 * 1024), help=f"largest artifact a build may make, in MiB (default {d.max_artifact // (1024 * 1024)})")
     p.add_argument("--max-builds", type=int, default=d.max_builds, help=f"builds running at once (default {d.max_builds})")
     p.add_argument("--build-timeout", type=float, default=d.build_timeout_s, help=f"seconds a build may take (default {d.build_timeout_s:g})")
     p.add_argument("--cache-dir", type=Path, default=None, help="build caches (default <data-dir>/.cache)")
@@ -67,7 +68,7 @@ def parse_command(argv: list[str] | None = None) -> Command:
     p.add_argument("--serve-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    for flag in ("workers", "processes", "slots", "slots_per_function", "per_function"):
+    for flag in ("workers", "processes", "slots", "slots_per_function", "per_function", "max_artifact_mb"):
         value = getattr(a, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -92,6 +93,7 @@ def parse_command(argv: list[str] | None = None) -> Command:
         max_memory_mb=a.max_memory_mb,
         max_builds=a.max_builds,
         build_timeout_s=a.build_timeout,
+        max_artifact=a.max_artifact_mb * 1024 * 1024,
         warm_builds=not a.no_warm,
         build_cache_dir=a.cache_dir,
     )

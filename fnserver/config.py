@@ -46,6 +46,8 @@ class ServerConfig:
     max_builds: int = 2
     build_timeout_s: float = 120.0
     build_memory_mb: int = 4096
+    #: The largest artifact a build may produce (bytes); over it a register is TOO_LARGE.
+    max_artifact: int = 64 * MiB
     #: How long in-flight requests may run on after SIGINT/SIGTERM before they get UNAVAILABLE.
     shutdown_grace_s: float = 3.0
     #: Warm zig's wasi-libc cache in the background at start (the first C build costs ~20 s).

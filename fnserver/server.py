@@ -59,6 +59,7 @@ class FnServer:
             max_concurrent=config.max_builds,
             timeout_s=config.build_timeout_s,
             memory_mb=config.build_memory_mb,
+            max_artifact=config.max_artifact,
         )
         self.services = Services(config, self.registry, self.pool, self.builder)
         self.tcp = TcpFront(config, self.services)

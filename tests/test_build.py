@@ -552,3 +552,21 @@ async def test_zig(builder: Builder, tmp_path: Path) -> None:
     wasm = tmp_path / "out" / "main.wasm"
     assert wasm.read_bytes()[:4] == b"\0asm"
     wasmtime.Module.from_file(wasmtime.Engine(), str(wasm))  # validates
+
+
+@pytest.mark.slow
+async def test_an_artifact_over_the_limit_is_too_large(cache_dir: Path, tmp_path: Path) -> None:
+    # A few bytes of source ask for megabytes of initialised data: the build succeeds, the
+    # artifact is refused, and nothing is installed.
+    small = Builder(cache_dir, max_artifact=1024 * 1024)
+    src = ("static char big[2 << 20] = {[0 ... (2 << 20) - 1] = 1};\n"
+           "int main(int argc, char **argv) { (void)argv; return big[argc * 1000]; }\n")
+    up = write(tmp_path, "upload", src)
+    with pytest.raises(TooLargeError, match="over the 1048576 byte limit") as ei:
+        await small.build(up, "big.c", tmp_path / "out")
+    assert ei.value.details["artifact"] == "wasm"
+    assert ei.value.details["size"] > 2 << 20
+    assert not (tmp_path / "out").exists()
+    # Under the limit the same source builds.
+    res = await Builder(cache_dir).build(up, "big.c", tmp_path / "out2")
+    assert res.artifacts == ("wasm",)

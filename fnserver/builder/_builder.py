@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from fnserver.artifacts import ARTIFACT_FILES
-from fnserver.protocol import ArtifactKind, BuildError, FnError, InvalidArgumentError
+from fnserver.protocol import ArtifactKind, BuildError, FnError, InvalidArgumentError, TooLargeError
 
 from ._archive import extract_zip
 from ._gomod import (
@@ -42,6 +42,8 @@ Progress = Callable[[str], None]
 # 3 pages but overflows on an ordinary `char buf[65536]` read buffer on the stack. 1 MiB costs
 # 17 pages and fits what small functions put on their stack.
 WASM_STACK_BYTES: Final = 1024 * 1024
+#: The largest artifact a build may make (issue 9: 102 bytes of Go made a 270 MB binary).
+DEFAULT_MAX_ARTIFACT: Final = 64 * 1024 * 1024
 GO_MODULE_NAME: Final = "fnfunc"
 _HEAD_BYTES: Final = 64
 # `go env` / `zig version` are our own fixed commands, not a user build; they get a fixed
@@ -79,9 +81,10 @@ class Builder:
     """Builds uploads with the bundled Go and Zig toolchains, a few at a time, under limits."""
 
     def __init__(self, cache_dir: Path, *, max_concurrent: int = 2, timeout_s: float = 120.0,
-                 memory_mb: int = 4096) -> None:
+                 memory_mb: int = 4096, max_artifact: int = DEFAULT_MAX_ARTIFACT) -> None:
         self._cache_dir = Path(cache_dir).absolute()
         self._timeout_s = timeout_s
+        self._max_artifact = max_artifact
         # RLIMIT_AS per toolchain process. go's runtime reserves ~0.5 GiB of address space
         # before doing any work (it dies under a 512 MiB limit, builds fine under 1 GiB), so the
         # limit must leave room for that on top of the compiler's real heap.
@@ -140,6 +143,9 @@ class Builder:
                             {"log": "", "timeout_s": self._timeout_s},
                         ) from None
                     raise
+                await asyncio.to_thread(
+                    _check_sizes, scratch / "out", outcome.artifacts, self._max_artifact
+                )
                 await asyncio.to_thread(_install, scratch / "out", Path(out_dir), outcome.artifacts)
             finally:
                 # A thread finishes even if this await is cancelled, so the scratch dir goes.
@@ -369,6 +375,20 @@ def _copy_checked(upload: Path, dest: Path, check: Callable[[bytes], None], mode
         check(f.read(_HEAD_BYTES))
     shutil.copyfile(upload, dest)
     os.chmod(dest, mode)
+
+
+def _check_sizes(out: Path, artifacts: tuple[ArtifactKind, ...], limit: int) -> None:
+    """TOO_LARGE for a built artifact over ``limit`` bytes (a few bytes of source can ask
+    for a huge initialised array; the store keeps every version for good)."""
+    for artifact in artifacts:
+        size = (out / ARTIFACT_FILES[artifact]).stat().st_size
+        if size > limit:
+            raise TooLargeError(
+                f"the build made a {artifact} artifact of {size} bytes, over the {limit} byte"
+                " limit on artifacts (--max-artifact-mb); large initialised data in the"
+                " source is the usual cause",
+                {"artifact": artifact, "size": size, "max_artifact": limit},
+            )
 
 
 def _install(out: Path, out_dir: Path, artifacts: tuple[ArtifactKind, ...]) -> None:

@@ -274,6 +274,17 @@ async def test_go_file_cli_wasm_and_native(handle: ServerHandle, client: AsyncCl
     last_upload = [e for e in events if e["stage"] == "upload"][-1]
     assert last_upload["received"] == last_upload["size"] == len(HELLO_GO)
 
+    # Go's runtime reserves address space it never uses: with memory counted by a cgroup (not
+    # RLIMIT_DATA) a Go native function runs with 32 MiB.
+    assert handle.server is not None
+    sandbox = handle.server.pool.stats()["sandbox"]
+    if all(s.get("uid") is not None for s in sandbox) and not any(
+        r.startswith("memory cgroup") for s in sandbox for r in s["refused"]
+    ):
+        await client.register("hello", src, memory_mb=32)
+        small = await client.invoke("hello", b"small", mode="native")
+        assert (small.output, small.exit_code) == (b"hello, small\n", 0), small.stderr
+
 
 @pytest.mark.slow
 async def test_go_typo_is_build_failed_with_the_compilers_message(

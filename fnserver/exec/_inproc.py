@@ -201,8 +201,14 @@ class WasmRunner:
                 eng.engine.increment_epoch()
             if not self._adm.running and time.monotonic() - self._last_call > PARK_AFTER_S:
                 self._wake.clear()
-                # Re-checked after clearing: run() sets _last_call before _wake.
-                if not self._adm.running and time.monotonic() - self._last_call > PARK_AFTER_S:
+                # Re-checked after clearing: run() sets _last_call before _wake, close() sets
+                # _stop before _wake (a wake-up cleared here would park the ticker for good,
+                # and close() would wait for it forever).
+                if (
+                    not self._stop.is_set()
+                    and not self._adm.running
+                    and time.monotonic() - self._last_call > PARK_AFTER_S
+                ):
                     self._wake.wait()
 
     def running(self) -> dict[str, int]:

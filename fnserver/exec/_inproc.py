@@ -107,6 +107,10 @@ class _Overran(Exception):
     """An inline call outlived its slice (it is run again on a thread)."""
 
 
+class _HandedOver(Exception):
+    """A cancelled caller's guest is still running: its thread gives the slot back."""
+
+
 class WasmRunner:
     """Runs wasm calls in this process: inline on the loop's thread or on guest threads.
 
@@ -294,10 +298,7 @@ class WasmRunner:
                 else:
                     self._adm.withdraw(place)
                 raise
-        try:
-            return await self._place_and_run(job, ready, key, loop)
-        finally:
-            self._release(place)
+        return await self._place_and_run(job, ready, key, loop, place)
 
     def _release(self, place: Waiting[asyncio.Future[None]]) -> None:
         for nxt in self._adm.finished(place):
@@ -307,7 +308,33 @@ class WasmRunner:
                 self._release(nxt)
 
     async def _place_and_run(
-        self, job: InvokeJob, ready: _Ready, key: str, loop: asyncio.AbstractEventLoop
+        self,
+        job: InvokeJob,
+        ready: _Ready,
+        key: str,
+        loop: asyncio.AbstractEventLoop,
+        place: Waiting[asyncio.Future[None]],
+    ) -> InvokeResult:
+        """Run an admitted call inline or on a guest thread; its slot is given back when
+        its guest has ended (for a caller cancelled mid-call, when the thread is done: the
+        Store holds a pooled slot until then)."""
+        handed_over = False
+        try:
+            return await self._run_admitted(job, ready, key, loop, place)
+        except _HandedOver:
+            handed_over = True
+            raise asyncio.CancelledError from None
+        finally:
+            if not handed_over:
+                self._release(place)
+
+    async def _run_admitted(
+        self,
+        job: InvokeJob,
+        ready: _Ready,
+        key: str,
+        loop: asyncio.AbstractEventLoop,
+        place: Waiting[asyncio.Future[None]],
     ) -> InvokeResult:
         fuel = job.limits.fuel
         eng = self._engine(fuel is not None)
@@ -325,9 +352,18 @@ class WasmRunner:
         if executor is None:
             raise UnavailableError("the server is shutting down")
         self.thread_calls += 1
-        outcome, seconds = await asyncio.wrap_future(
-            executor.submit(self._execute, eng, ready, job, inline=False), loop=loop
-        )
+        running = executor.submit(self._execute, eng, ready, job, inline=False)
+        try:
+            outcome, seconds = await asyncio.wrap_future(running, loop=loop)
+        except asyncio.CancelledError:
+            if not running.done():
+                # The guest runs on to its own end (a deadline stops it): its slot is given
+                # back then, not now, or a new call would find every pooled slot taken.
+                running.add_done_callback(
+                    lambda _f: loop.call_soon_threadsafe(self._release, place)
+                )
+                raise _HandedOver from None
+            raise
         return self._noted(key, outcome, seconds)
 
     def _noted(self, key: str, outcome: InvokeResult | FnError, seconds: float) -> InvokeResult:

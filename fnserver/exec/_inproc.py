@@ -107,9 +107,6 @@ class _Overran(Exception):
     """An inline call outlived its slice (it is run again on a thread)."""
 
 
-class _HandedOver(Exception):
-    """A cancelled caller's guest is still running: its thread gives the slot back."""
-
 
 class WasmRunner:
     """Runs wasm calls in this process: inline on the loop's thread or on guest threads.
@@ -320,51 +317,38 @@ class WasmRunner:
         Store holds a pooled slot until then)."""
         handed_over = False
         try:
-            return await self._run_admitted(job, ready, key, loop, place)
-        except _HandedOver:
-            handed_over = True
-            raise asyncio.CancelledError from None
+            fuel = job.limits.fuel
+            eng = self._engine(fuel is not None)
+            now = time.monotonic()
+            if self._inline_ok and fuel is None and self.inline_policy.inline(key, now):
+                try:
+                    outcome, seconds = self._execute(eng, ready, job, inline=True)
+                except _Overran:
+                    self.overruns += 1
+                    self.inline_policy.overran(key, time.monotonic())
+                else:
+                    self.inline_calls += 1
+                    return self._noted(key, outcome, seconds)
+            executor = self._executor
+            if executor is None:
+                raise UnavailableError("the server is shutting down")
+            self.thread_calls += 1
+            running = executor.submit(self._execute, eng, ready, job, inline=False)
+            try:
+                outcome, seconds = await asyncio.wrap_future(running, loop=loop)
+            except asyncio.CancelledError:
+                if not running.done():
+                    # The guest runs on to its own end (a deadline stops it): its slot is given
+                    # back then, not now, or a new call would find every pooled slot taken.
+                    running.add_done_callback(
+                        lambda _f: loop.call_soon_threadsafe(self._release, place)
+                    )
+                    handed_over = True
+                raise
+            return self._noted(key, outcome, seconds)
         finally:
             if not handed_over:
                 self._release(place)
-
-    async def _run_admitted(
-        self,
-        job: InvokeJob,
-        ready: _Ready,
-        key: str,
-        loop: asyncio.AbstractEventLoop,
-        place: Waiting[asyncio.Future[None]],
-    ) -> InvokeResult:
-        fuel = job.limits.fuel
-        eng = self._engine(fuel is not None)
-        now = time.monotonic()
-        if self._inline_ok and fuel is None and self.inline_policy.inline(key, now):
-            try:
-                outcome, seconds = self._execute(eng, ready, job, inline=True)
-            except _Overran:
-                self.overruns += 1
-                self.inline_policy.overran(key, time.monotonic())
-            else:
-                self.inline_calls += 1
-                return self._noted(key, outcome, seconds)
-        executor = self._executor
-        if executor is None:
-            raise UnavailableError("the server is shutting down")
-        self.thread_calls += 1
-        running = executor.submit(self._execute, eng, ready, job, inline=False)
-        try:
-            outcome, seconds = await asyncio.wrap_future(running, loop=loop)
-        except asyncio.CancelledError:
-            if not running.done():
-                # The guest runs on to its own end (a deadline stops it): its slot is given
-                # back then, not now, or a new call would find every pooled slot taken.
-                running.add_done_callback(
-                    lambda _f: loop.call_soon_threadsafe(self._release, place)
-                )
-                raise _HandedOver from None
-            raise
-        return self._noted(key, outcome, seconds)
 
     def _noted(self, key: str, outcome: InvokeResult | FnError, seconds: float) -> InvokeResult:
         """Learn what the call cost (a call that failed after holding its thread for long

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import __version__
@@ -25,8 +25,10 @@ class Command:
     config: ServerConfig
     #: Serving processes the supervisor starts (``--processes``).
     processes: int
-    #: Set in a serving process the supervisor started: the pipe to report ready on.
+    #: Set in a process the supervisor started: the pipe to report ready on.
     ready_fd: int | None = None
+    #: Set in a process the supervisor started: the pipe holding the control process's secret.
+    secret_fd: int | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -67,6 +69,9 @@ def parse_command(argv: list[str] | None = None) -> Command:
     # Set by the supervisor for the serving processes it starts (fnserver/supervisor.py).
     p.add_argument("--serve-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--role", choices=["serving", "control"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--control", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--secret-fd", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     for flag in ("workers", "processes", "slots", "slots_per_function", "per_function", "max_artifact_mb"):
         value = getattr(a, flag)
@@ -96,14 +101,27 @@ def parse_command(argv: list[str] | None = None) -> Command:
         max_artifact=a.max_artifact_mb * 1024 * 1024,
         warm_builds=not a.no_warm,
         build_cache_dir=a.cache_dir,
+        role=a.role or "all",
+        control_address=a.control,
     )
-    return Command(config, processes, a.ready_fd)
+    return Command(config, processes, a.ready_fd, a.secret_fd)
+
+
+def _read_secret(fd: int) -> str:
+    """The control process's secret, from the pipe the supervisor filled (not argv or env:
+    those are readable in /proc)."""
+    with os.fdopen(fd, "rb") as f:
+        return f.read(4096).decode().strip()
 
 
 async def _serve(config: ServerConfig, ready_fd: int | None) -> None:
     from .server import FnServer
 
     try:
+        if config.role == "serving":
+            from ._privileges import drop_root
+
+            config = drop_root(config).config
         server = FnServer(config)
         await server.start()
     except (OSError, FnError) as exc:
@@ -138,6 +156,9 @@ def main(argv: list[str] | None = None) -> None:
 
         args = list(sys.argv[1:] if argv is None else argv)
         sys.exit(Supervisor(config, cmd.processes, args).run())
+    if cmd.secret_fd is not None:
+        secret = _read_secret(cmd.secret_fd)
+        config = replace(config, control_token=secret, token=secret if config.role == "control" else config.token)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it

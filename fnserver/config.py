@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .protocol import CHUNK_SIZE, DEFAULT_MAX_FRAME
 
@@ -43,6 +44,14 @@ class ServerConfig:
     #: A serving process started by the supervisor: the listening socket's descriptor (the
     #: supervisor's, shared with the processes that came before), instead of binding one.
     listen_fd: int | None = None
+    #: What this process is (``fnserver/supervisor.py``): ``all`` (one process doing
+    #: everything: tests, embedding), ``serving`` (runs wasm calls, relays writes, builds,
+    #: compiles and native calls to the control process) or ``control`` (the privileged rest).
+    role: Literal["all", "serving", "control"] = "all"
+    #: A serving process's control process: ``host:port`` on loopback and the secret HELLO
+    #: token it accepts (from the supervisor, never on a command line).
+    control_address: str | None = None
+    control_token: str | None = None
     max_builds: int = 2
     build_timeout_s: float = 120.0
     build_memory_mb: int = 4096

@@ -18,7 +18,7 @@ from .builder import Builder
 from .config import ServerConfig
 from .exec import ExecPool
 from .registry import Registry
-from .service import Services
+from .service import ControlLink, Services
 from .transport import TcpFront
 
 __all__ = ["FnServer"]
@@ -39,29 +39,45 @@ class FnServer:
             compile_cache_dir=config.compile_cache_dir and config.compile_cache_dir.absolute(),
         )
         self.config = config
+        serving = config.role == "serving"
         self.registry = Registry.local(
             config.data_dir,
+            read_only=serving,
             default_timeout_ms=config.default_timeout_ms,
             default_memory_mb=config.default_memory_mb,
         )
+        # A serving process hands native calls, compiles and every write to its control
+        # process (service/_control.py); the other roles do them here.
+        self.link: ControlLink | None = None
+        if serving:
+            if config.control_address is None or config.control_token is None:
+                raise ValueError("a serving process needs its control process's address and token")
+            self.link = ControlLink(config.control_address, config.control_token)
         cpus = os.cpu_count() or 1
+        # Native workers: the control process holds the node's; a lone process gets a share.
+        workers = config.workers or (
+            max(2, cpus) if config.role == "control" else max(2, cpus // (config.processes or cpus))
+        )
         self.pool = ExecPool(
-            workers=config.workers or max(2, cpus // (config.processes or cpus)),
+            workers=workers,
             max_queue=config.max_queue,
             per_function=config.per_function,
             cache_dir=config.modules_dir,
             wasm_slots=config.wasm_slots,
             wasm_per_function=config.wasm_per_function,
             hidden=(config.data_dir, config.cache_dir),
+            delegate=self.link,
         )
-        self.builder = Builder(
-            config.cache_dir,
-            max_concurrent=config.max_builds,
-            timeout_s=config.build_timeout_s,
-            memory_mb=config.build_memory_mb,
-            max_artifact=config.max_artifact,
-        )
-        self.services = Services(config, self.registry, self.pool, self.builder)
+        self.builder: Builder | None = None
+        if not serving:
+            self.builder = Builder(
+                config.cache_dir,
+                max_concurrent=config.max_builds,
+                timeout_s=config.build_timeout_s,
+                memory_mb=config.build_memory_mb,
+                max_artifact=config.max_artifact,
+            )
+        self.services = Services(config, self.registry, self.pool, self.builder, self.link)
         self.tcp = TcpFront(config, self.services)
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
@@ -85,18 +101,20 @@ class FnServer:
 
     async def start(self) -> None:
         """Open the registry, start workers, then listen."""
-        await asyncio.to_thread(self.config.data_dir.mkdir, parents=True, exist_ok=True)
+        if self.config.role != "serving":
+            await asyncio.to_thread(self.config.data_dir.mkdir, parents=True, exist_ok=True)
         await self.registry.open()
         await self.pool.start()
         await self.tcp.start()
-        if self.config.warm_builds:
+        if self.config.warm_builds and self.builder is not None:
             self.spawn(self._warm_builds())
         if self.config.listen_fd is None:
             log.info("fnserver %s listening on %s (data %s)", __version__, self.address, self.config.data_dir)
         else:  # the supervisor says "listening" once every serving process is up
-            log.info("serving process %d up on %s", os.getpid(), self.address)
+            log.info("%s process %d up on %s", self.config.role, os.getpid(), self.address)
 
     async def _warm_builds(self) -> None:
+        assert self.builder is not None
         try:
             await self.builder.warm()
         except Exception as exc:  # a failed warm-up only means a slower first build
@@ -133,6 +151,8 @@ class FnServer:
         if others:
             await asyncio.wait(others, timeout=2.0)
         await self.pool.close()
+        if self.link is not None:
+            await self.link.close()
         await self.registry.close()
         self._stopped.set()
         log.info("fnserver stopped")

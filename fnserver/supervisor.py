@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import selectors
 import signal
 import socket
@@ -53,10 +54,12 @@ READY_TIMEOUT_S: Final = 120.0
 
 @dataclass(eq=False)
 class _Slot:
-    """One listening socket and the serving process currently on it."""
+    """One listening socket and the process currently on it (a serving process, or the
+    control process on its loopback socket)."""
 
     index: int
     sock: socket.socket
+    role: str = "serving"
     proc: subprocess.Popen[bytes] | None = None
     pidfd: int = -1
     ready_r: int = -1
@@ -82,6 +85,9 @@ class Supervisor:
         self.processes = processes
         self.child_args = child_args
         self.slots: list[_Slot] = []
+        self.control: _Slot | None = None
+        # The control process's HELLO token: handed to each process through a pipe.
+        self._secret = secrets.token_urlsafe(32)
         self.port = 0
         self._stopping = False
         self._sel = selectors.DefaultSelector()
@@ -104,6 +110,16 @@ class Supervisor:
                 port = sock.getsockname()[1]
             self.slots.append(_Slot(i, sock))
         self.port = port
+        # The control process's socket: loopback only, kept open across its restarts.
+        ctl = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        ctl.bind(("127.0.0.1", 0))
+        ctl.listen(BACKLOG)
+        ctl.setblocking(False)
+        self.control = _Slot(-1, ctl, role="control")
+
+    @property
+    def _all(self) -> list[_Slot]:
+        return ([self.control] if self.control is not None else []) + self.slots
 
     @property
     def address(self) -> str:
@@ -116,13 +132,23 @@ class Supervisor:
     def _start(self, slot: _Slot) -> None:
         fd = slot.sock.fileno()
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-        args = [*self.child_args, "--serve-fd", str(fd), "--ready-fd", str(ready_w)]
-        if slot.index != 0 or slot.restarts:
-            args.append("--no-warm")  # one process warms the shared build cache, once
+        secret_r, secret_w = os.pipe2(os.O_CLOEXEC)
+        os.write(secret_w, self._secret.encode())
+        os.close(secret_w)
+        args = [
+            *self.child_args, "--serve-fd", str(fd), "--ready-fd", str(ready_w),
+            "--secret-fd", str(secret_r), "--role", slot.role,
+        ]
+        if slot.role == "serving":
+            assert self.control is not None
+            args += ["--control", f"127.0.0.1:{self.control.sock.getsockname()[1]}"]
+        if slot.role != "control" or slot.restarts:
+            args.append("--no-warm")  # the control process warms the build cache, once
         slot.proc = subprocess.Popen(
-            [sys.executable, "-m", "fnserver", *args], pass_fds=(fd, ready_w)
+            [sys.executable, "-m", "fnserver", *args], pass_fds=(fd, ready_w, secret_r)
         )
         os.close(ready_w)
+        os.close(secret_r)
         slot.ready_r = ready_r
         slot.ready = False
         slot.started = time.monotonic()
@@ -145,7 +171,7 @@ class Supervisor:
         slot.ready_r = -1
         slot.ready = slot.ever_ready = True
         assert slot.proc is not None
-        log.info("serving process %d (pid %d) ready", slot.index, slot.proc.pid)
+        log.info("%s (pid %d) ready", _name(slot), slot.proc.pid)
 
     def _on_exit(self, slot: _Slot) -> None:
         assert slot.proc is not None
@@ -164,11 +190,11 @@ class Supervisor:
         lived = time.monotonic() - slot.started
         how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         if not slot.ever_ready:
-            log.error("serving process %d (pid %d) failed to start (%s)", slot.index, pid, how)
+            log.error("%s (pid %d) failed to start (%s)", _name(slot), pid, how)
             raise _StartFailed
         slot.backoff = 0.0 if lived >= YOUNG_S else min(MAX_BACKOFF_S, slot.backoff * 2 or 0.1)
         log.warning(
-            "serving process %d (pid %d) died (%s); starting another%s", slot.index, pid, how,
+            "%s (pid %d) died (%s); starting another%s", _name(slot), pid, how,
             f" in {slot.backoff:.1f} s" if slot.backoff else "",
         )
         slot.restarts += 1
@@ -193,12 +219,19 @@ class Supervisor:
             return 1
         status = 0
         try:
-            for slot in self.slots:
-                self._start(slot)
+            # The control process first: it opens (and repairs) the store and prepares the
+            # module cache that the serving processes then read.
+            assert self.control is not None
+            self._start(self.control)
+            serving = False
             announced = False
             start_deadline = time.monotonic() + READY_TIMEOUT_S
             while not self._stopping:
-                if not announced and all(s.ready for s in self.slots):
+                if not serving and self.control.ready:
+                    serving = True
+                    for slot in self.slots:
+                        self._start(slot)
+                if not announced and serving and all(s.ready for s in self.slots):
                     announced = True
                     log.info(
                         "fnserver %s listening on %s (%d serving processes, data %s)",
@@ -216,7 +249,7 @@ class Supervisor:
 
     def _step(self) -> None:
         now = time.monotonic()
-        pending = [s.restart_at for s in self.slots if s.restart_at is not None]
+        pending = [s.restart_at for s in self._all if s.restart_at is not None]
         timeout = max(0.0, min(pending) - now) if pending else 1.0
         for key, _ in self._sel.select(timeout):
             kind, slot = key.data
@@ -228,7 +261,7 @@ class Supervisor:
             elif kind == "exit":
                 self._on_exit(slot)
         now = time.monotonic()
-        for slot in self.slots:
+        for slot in self._all:
             if (
                 not self._stopping
                 and slot.proc is None
@@ -238,9 +271,26 @@ class Supervisor:
                 self._start(slot)
 
     def _stop_all(self) -> None:
-        """SIGTERM every serving process, wait for their graceful stop, kill the rest."""
+        """SIGTERM every serving process, wait for their graceful stop, kill the rest; then
+        the control process (the serving processes' requests in flight may need it)."""
         self._stopping = True
-        live = [s for s in self.slots if s.proc is not None]
+        self._stop(self.slots)
+        if self.control is not None:
+            self._stop([self.control])
+        for slot in self._all:
+            for fd in (slot.pidfd, slot.ready_r):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            slot.sock.close()
+        self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        log.info("fnserver stopped")
+
+
+    def _stop(self, slots: list[_Slot]) -> None:
+        live = [s for s in slots if s.proc is not None]
         for slot in live:
             assert slot.proc is not None
             with contextlib.suppress(ProcessLookupError):
@@ -251,19 +301,13 @@ class Supervisor:
             try:
                 slot.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("serving process %d did not stop; killing it", slot.index)
+                log.warning("%s did not stop; killing it", _name(slot))
                 slot.proc.kill()
                 slot.proc.wait()
-        for slot in self.slots:
-            for fd in (slot.pidfd, slot.ready_r):
-                if fd >= 0:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-            slot.sock.close()
-        self._sel.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        log.info("fnserver stopped")
+
+
+def _name(slot: _Slot) -> str:
+    return "control process" if slot.role == "control" else f"serving process {slot.index}"
 
 
 class _StartFailed(Exception):

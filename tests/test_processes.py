@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -79,9 +81,42 @@ async def clients_on(address: str, pids: int, tries: int = 200) -> dict[int, Asy
     return held
 
 
-def serving_pids(supervisor_pid: int) -> set[int]:
+def _children(supervisor_pid: int, role: str) -> set[int]:
     with open(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children") as f:
-        return {int(p) for p in f.read().split()}
+        pids = {int(p) for p in f.read().split()}
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if b"--role" in argv and argv[argv.index(b"--role") + 1] == role.encode():
+                found.add(pid)
+    return found
+
+
+def serving_pids(supervisor_pid: int) -> set[int]:
+    return _children(supervisor_pid, "serving")
+
+
+def control_pid(supervisor_pid: int) -> int:
+    (pid,) = _children(supervisor_pid, "control")
+    return pid
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+async def wait_for_line(srv: Server, text: str, start: int = 0) -> str:
+    """The first log line from index ``start`` on that contains ``text`` (an event, not a
+    deadline: the bound only turns a hang into a failure)."""
+    async with asyncio.timeout(120):
+        while True:
+            for line in srv.log[start:]:
+                if text in line:
+                    return line
+            await asyncio.sleep(0.05)  # polling the collected log, not synchronising on time
 
 
 async def test_every_process_sees_every_write_before_its_reply(tmp_path: Path) -> None:
@@ -146,3 +181,112 @@ async def test_a_server_that_cannot_start_exits_with_an_error(tmp_path: Path) ->
     _, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 1
     assert b"failed to start" in err
+
+
+NATIVE_ECHO_C = r"""
+#include <stdio.h>
+int main(void) { int c; while ((c = getchar()) != EOF) putchar(c); return 0; }
+"""
+
+# Started as root, then the serving process's uid with the store reached the way the serving
+# process reaches it (a descriptor opened before the drop): every write must be refused.
+TAMPER = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_PATH | os.O_DIRECTORY)
+uid = int(sys.argv[2])
+os.setgroups([])
+os.setresgid(uid, uid, uid)
+os.setresuid(uid, uid, uid)
+root = "/proc/self/fd/%d" % fd
+tried = refused = 0
+def attempt(what, fn):
+    global tried, refused
+    tried += 1
+    try:
+        fn()
+        print("WROTE", what)
+    except PermissionError:
+        refused += 1
+for dirpath, dirnames, filenames in os.walk(root):
+    attempt(dirpath, lambda: open(os.path.join(dirpath, "planted"), "xb").close())
+    for name in filenames:
+        path = os.path.join(dirpath, name)
+        attempt(path, lambda: open(path, "r+b").close())
+        attempt(path, lambda: os.rename(path, path + ".moved"))
+        attempt(path, lambda: os.chmod(path, 0o666))
+print(tried, refused)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the privilege split applies when run as root")
+async def test_serving_processes_hold_no_privilege_and_cannot_write_the_store(
+    tmp_path: Path,
+) -> None:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed")
+    (tmp_path / "echo.c").write_text(NATIVE_ECHO_C)
+    subprocess.run([gcc, "-static", "-O1", "-o", str(tmp_path / "echo"), str(tmp_path / "echo.c")],
+                   check=True, capture_output=True, timeout=120)
+    async with supervisor(tmp_path, 2) as srv:
+        clients = await clients_on(srv.address, 2)
+        a, b = clients.values()
+        # Every kind of write works, relayed to the control process: a wasm module (compiled
+        # there), a native binary (run by its workers), an alias.
+        await a.register("echo", wf.echo(), filename="echo.wasm")
+        await b.register("necho", (tmp_path / "echo").read_bytes(), filename="echo")
+        await a.alias("necho", "prod", 1)
+        assert (await b.invoke("echo", b"wasm")).output == b"wasm"
+        assert (await a.invoke("necho", b"native", version="prod")).output == b"native"
+        ctl = control_pid(srv.proc.pid)
+        assert status_fields(ctl)["Uid"].split()[0] == "0"  # the privileged half
+        for pid in clients:
+            st = status_fields(pid)
+            uids = set(st["Uid"].split())
+            assert len(uids) == 1 and "0" not in uids, st["Uid"]
+            assert set(st["Gid"].split()) == uids, st["Gid"]
+            assert st["Groups"].strip() == ""
+            for caps in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+                assert int(st[caps], 16) == 0, (caps, st[caps])
+            assert st["NoNewPrivs"].strip() == "1"
+        uid = int(status_fields(next(iter(clients)))["Uid"].split()[0])
+        out = subprocess.run(
+            [sys.executable, "-c", TAMPER, str(tmp_path / "data"), str(uid)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "WROTE" not in out.stdout, out.stdout
+        tried, refused = map(int, out.stdout.split()[-2:])
+        # The walk saw the store: the functions, their artifacts, the compiled module.
+        assert tried > 10 and refused == tried
+        assert any(p.suffix == ".cwasm" for p in (tmp_path / "data").rglob("*"))
+        for c in clients.values():
+            await c.close()
+
+
+async def test_warm_calls_never_wait_for_the_control_process_which_is_replaced(
+    tmp_path: Path,
+) -> None:
+    async with supervisor(tmp_path, 1) as srv:
+        (client,) = (await clients_on(srv.address, 1)).values()
+        await client.register("echo", wf.echo(), filename="echo.wasm")
+        assert (await client.invoke("echo", b"warm")).output == b"warm"
+        ctl = control_pid(srv.proc.pid)
+        os.kill(ctl, signal.SIGSTOP)
+        try:
+            # The control process cannot answer anything now; a warm wasm call needs nothing
+            # from it.
+            assert (await client.invoke("echo", b"still")).output == b"still"
+        finally:
+            os.kill(ctl, signal.SIGCONT)
+        mark = len(srv.log)
+        os.kill(ctl, signal.SIGKILL)
+        await wait_for_line(srv, "control process (pid", mark)
+        line = await wait_for_line(srv, "ready", mark)
+        assert f"(pid {ctl})" not in line
+        assert (await client.invoke("echo", b"after")).output == b"after"
+        # Writes go to the new control process.
+        info = await client.register("echo", wf.exit_code(4), filename="exit.wasm")
+        assert info["version"] == 2
+        assert (await client.invoke("echo")).exit_code == 4
+        await client.close()

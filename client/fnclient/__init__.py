@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 
 from ._address import DEFAULT_PORT, parse_address
-from ._async import AsyncClient, ProgressCallback
+from ._async import AsyncClient, ProgressCallback, UploadStream
 from ._results import InvokeResult
 from ._sync import Client
 from .protocol import (
@@ -60,6 +60,7 @@ __all__ = [
     "TrapError",
     "UnauthenticatedError",
     "UnavailableError",
+    "UploadStream",
     "__version__",
     "error_from_wire",
     "parse_address",

@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import itertools
 import os
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final
@@ -24,6 +24,7 @@ from .protocol import (
     MAX_PAGE,
     PROTOCOL_VERSION,
     AliasRequest,
+    CompileRequest,
     DeleteRequest,
     FnError,
     FrameDecoder,
@@ -45,12 +46,25 @@ from .protocol import (
     parse_version_ref,
 )
 
-__all__ = ["AsyncClient", "ProgressCallback", "Source"]
+__all__ = ["AsyncClient", "ProgressCallback", "Source", "UploadStream"]
 
 #: Called with each ``event`` frame (§5.3) of a running register, as the decoded map.
 ProgressCallback = Callable[[dict[str, Any]], None]
-#: What ``register`` uploads: a filesystem path or the bytes themselves.
-Source = str | os.PathLike[str] | bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class UploadStream:
+    """An upload whose bytes arrive as they are sent: its size and sha256 known up front
+    (a proxy relaying another client's upload, a pipe). ``chunks`` must yield exactly
+    ``size`` bytes; the server checks them against ``sha256``."""
+
+    size: int
+    sha256: str
+    chunks: AsyncIterable[bytes]
+
+
+#: What ``register`` uploads: a filesystem path, the bytes themselves, or a stream.
+Source = str | os.PathLike[str] | bytes | bytearray | memoryview | UploadStream
 
 _HELLO_ID: Final = 0
 _READ_SIZE: Final = 256 * 1024
@@ -384,6 +398,13 @@ class AsyncClient:
         req_id, future = await self._start(req.op, req.to_wire(), progress)
         return await self._finish(req_id, future)
 
+    async def request(
+        self, req: RequestRecord, progress: ProgressCallback | None = None
+    ) -> dict[str, Any]:
+        """Send any typed request record (``fnclient.protocol``) and return its result map:
+        for tools and proxies that relay requests they already hold as records."""
+        return await self._request(req, progress)
+
     async def ping(self) -> None:
         """Round-trip a ``ping`` (§5.1)."""
         await self._request(PingRequest())
@@ -409,7 +430,14 @@ class AsyncClient:
         ``fuel`` gives the function an instruction budget (wasm mode; running out is a
         :class:`FunctionTimeoutError` with ``details["fuel"]``).
         """
-        if isinstance(path_or_bytes, bytes | bytearray | memoryview):
+        stream: UploadStream | None = None
+        path: str | None = None
+        if isinstance(path_or_bytes, UploadStream):
+            stream = path_or_bytes
+            if filename is None:
+                raise InvalidArgumentError("filename is required when registering a stream")
+            size, sha256, data = stream.size, stream.sha256, b""
+        elif isinstance(path_or_bytes, bytes | bytearray | memoryview):
             data = bytes(path_or_bytes)
             if filename is None:
                 if not data.startswith(_WASM_MAGIC):
@@ -419,7 +447,6 @@ class AsyncClient:
                     )
                 filename = "main.wasm"
             size, sha256 = len(data), hashlib.sha256(data).hexdigest()
-            path: str | None = None
         else:
             path = os.fspath(path_or_bytes)
             if filename is None:
@@ -452,7 +479,12 @@ class AsyncClient:
         )
         req_id, future = await self._start(req.op, req.to_wire(), progress)
         chunk_size = self._chunk_size
-        chunks = _file_chunks(path, size, chunk_size) if path else _byte_chunks(data, chunk_size)
+        if stream is not None:
+            chunks = _stream_chunks(stream.chunks, chunk_size)
+        elif path:
+            chunks = _file_chunks(path, size, chunk_size)
+        else:
+            chunks = _byte_chunks(data, chunk_size)
         try:
             async with aclosing(chunks):
                 async for chunk in chunks:
@@ -541,6 +573,10 @@ class AsyncClient:
         result["next_cursor"] = None
         return result
 
+    async def compile(self, name: str, version: int | str | None = None) -> dict[str, Any]:
+        """Make sure a version's wasm module is compiled on the server's node (§5.10)."""
+        return await self._request(CompileRequest(name, parse_version_ref(version)))
+
     async def delete(self, name: str, version: int | None = None) -> dict[str, Any]:
         """Delete one version, or every version when ``version`` is None (§5.6)."""
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
@@ -594,3 +630,10 @@ async def _file_chunks(path: str, size: int, chunk_size: int) -> AsyncGenerator[
 async def _byte_chunks(data: bytes, chunk_size: int) -> AsyncGenerator[bytes, None]:
     for start in range(0, len(data), chunk_size):
         yield data[start : start + chunk_size]
+
+
+async def _stream_chunks(source: AsyncIterable[bytes], chunk_size: int) -> AsyncGenerator[bytes, None]:
+    """A stream's chunks, each cut to at most ``chunk_size`` (the server's, §4)."""
+    async for block in source:
+        for start in range(0, len(block), chunk_size):
+            yield block[start : start + chunk_size]

@@ -156,6 +156,10 @@ class Client:
         """See :meth:`AsyncClient.get`."""
         return self._run(self._async.get(name, version, log=log, limit=limit, cursor=cursor))
 
+    def compile(self, name: str, version: int | str | None = None) -> dict[str, Any]:
+        """See :meth:`AsyncClient.compile`."""
+        return self._run(self._async.compile(name, version))
+
     def delete(self, name: str, version: int | None = None) -> dict[str, Any]:
         """See :meth:`AsyncClient.delete`."""
         return self._run(self._async.delete(name, version))

@@ -115,6 +115,20 @@ class ModuleCache:
     def __len__(self) -> int:
         return len(self._known)
 
+    async def lookup(self, digest: str, fuel: bool) -> CompiledModule | None:
+        """A good file of (digest, engine) already in the cache, memoized; never compiles
+        (a serving process's read-only view: its control process writes the cache)."""
+        hit = self._known.get((digest, fuel))
+        if hit is None:
+            hit = await asyncio.to_thread(self._find, digest, engine_key(fuel))
+            if hit is not None:
+                self._known[(digest, fuel)] = hit
+        return hit
+
+    def forget(self, digest: str, fuel: bool) -> None:
+        """Drop the memo of (digest, engine): the next :meth:`ensure` checks the file again."""
+        self._known.pop((digest, fuel), None)
+
     async def digest_of(self, artifact: Path) -> str:
         """sha256 of a file, memoized by (path, inode, mtime, size): only for jobs that came
         without the digest recorded at register (versions older than digests)."""

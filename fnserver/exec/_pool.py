@@ -20,7 +20,7 @@ from collections import Counter, deque
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from ..protocol import (
     MAX_FUEL,
@@ -40,7 +40,7 @@ from ._sandbox import claim_uids, memcg_dir
 from ._types import InvokeJob
 from ._wire import RunError, RunOk, RunRequest
 
-__all__ = ["ExecPool"]
+__all__ = ["Delegate", "ExecPool"]
 
 #: Past a native call's own deadline (the worker kills the binary at it): room for the reply
 #: before the parent kills the worker. The parent's kill is a backstop for a worker that
@@ -54,6 +54,19 @@ WORKER_OVERHEAD_S: Final = 0.0001
 NOT_STARTED_RETRIES: Final = 2
 
 _Placement = Placement[WorkerHandle, "_Waiter"]
+
+
+class Delegate(Protocol):
+    """What a serving process without privileges hands to its control process: native calls
+    (workers need uids and namespaces) and compiles (the module cache is not its to write)."""
+
+    async def invoke_native(self, job: InvokeJob) -> InvokeResult:
+        """Run a native call in the control process's workers."""
+        ...
+
+    async def compile(self, function: str, version: int) -> None:
+        """Have the control process put (function, version)'s module in the node's cache."""
+        ...
 
 
 @dataclass(eq=False)
@@ -93,9 +106,13 @@ class ExecPool:
         wasm_slots: int = DEFAULT_SLOTS,
         wasm_per_function: int | None = None,
         hidden: Sequence[Path] = (),
+        delegate: Delegate | None = None,
     ) -> None:
-        self.size = workers if workers is not None else (os.cpu_count() or 1)
-        if self.size < 1:
+        # A delegate takes the native calls and the compiles: this pool then runs wasm only,
+        # with no worker, no compiler and no write to the module cache.
+        self._delegate = delegate
+        self.size = 0 if delegate is not None else (workers or os.cpu_count() or 1)
+        if delegate is None and workers is not None and workers < 1:
             raise ValueError("workers must be at least 1")
         self.max_queue = max_queue
         self.per_function = per_function if per_function is not None else max(1, self.size - 1)
@@ -125,6 +142,8 @@ class ExecPool:
         self._uid_locks: list[int] = []
         # Set at close: sweeps still running in threads must not outlive the uid claim.
         self._stop_sweeps = threading.Event()
+        # Delegated compiles in flight, one per (digest, fuel) however many calls wait.
+        self._asked: dict[tuple[str, bool], asyncio.Future[None]] = {}
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -133,6 +152,11 @@ class ExecPool:
         if self._started:
             return
         self._started = True
+        if self._delegate is not None:
+            # Read only: the control process prepared the cache and writes it.
+            self._modules = ModuleCache(self.cache_dir, timeout_s=self._compile_timeout_s)
+            self.wasm.start()
+            return
         try:
             # One uid per worker, one more for the compiler: nothing a native function does
             # under its worker's uid can reach a compile in flight.
@@ -345,11 +369,48 @@ class ExecPool:
         # Absolute: the compile process and the workers run with cwd "/".
         await self._cache().ensure(Path(artifact).absolute(), digest.lower(), fuel=False)
 
+    async def compile(self, function: str, version: int, artifact: Path, digest: str,
+                      fuel: bool) -> None:
+        """§5.10: make sure the module is in the node's cache, checking a cached copy's bytes
+        again (a caller found it missing or damaged) and compiling when needed."""
+        if self._delegate is not None:
+            await self._delegate.compile(function, version)
+            return
+        cache = self._cache()
+        digest = digest.lower() or await cache.digest_of(artifact)
+        cache.forget(digest, fuel)
+        await cache.ensure(Path(artifact).absolute(), digest, fuel)
+
     async def _module(self, job: InvokeJob) -> CompiledModule:
         cache = self._cache()
         digest = job.digest.lower() or await cache.digest_of(job.artifact)
         fuel = job.limits.fuel is not None
-        return cache.known(digest, fuel) or await cache.ensure(job.artifact.absolute(), digest, fuel)
+        hit = cache.known(digest, fuel)
+        if hit is not None:
+            return hit
+        if self._delegate is None:
+            return await cache.ensure(job.artifact.absolute(), digest, fuel)
+        found = await cache.lookup(digest, fuel)
+        if found is None:
+            await self._ask_compile(job, digest, fuel)
+            found = await cache.lookup(digest, fuel)
+        if found is None:
+            raise InternalError(
+                f"the module of {job.function!r} version {job.version} is not in the cache "
+                "after its compile"
+            )
+        return found
+
+    async def _ask_compile(self, job: InvokeJob, digest: str, fuel: bool) -> None:
+        """One delegated compile per key, shared by every call that waits for it."""
+        assert self._delegate is not None
+        key = (digest, fuel)
+        fut = self._asked.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(self._delegate.compile(job.function, job.version))
+            self._asked[key] = fut
+            fut.add_done_callback(lambda f: _forget_asked(self._asked, key, f))
+        await asyncio.shield(fut)
 
     async def invoke(self, job: InvokeJob) -> InvokeResult:
         """Run one invocation; guest failures raise the matching :class:`FnError`."""
@@ -368,6 +429,8 @@ class ExecPool:
 
     async def _invoke_native(self, job: InvokeJob, t0: int) -> InvokeResult:
         """A native call runs in a worker process, which spawns the binary for it."""
+        if self._delegate is not None:
+            return await self._delegate.invoke_native(job)
         lim = job.limits
         request = RunRequest(
             function=job.function,
@@ -439,6 +502,16 @@ class ExecPool:
             "compiles": self._modules.compiles if self._modules is not None else 0,
             "wasm": self.wasm.stats(),
         }
+
+
+def _forget_asked(
+    asked: dict[tuple[str, bool], asyncio.Future[None]], key: tuple[str, bool],
+    fut: asyncio.Future[None],
+) -> None:
+    if asked.get(key) is fut:
+        del asked[key]
+    if not fut.cancelled():
+        fut.exception()  # retrieved: every caller may have gone away
 
 
 def _remove_memcgs(uids: list[int]) -> None:

@@ -101,8 +101,11 @@ class _FeedState:
 class LocalStore:
     """Metadata and artifacts under one data directory (see the module docstring)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, read_only: bool = False) -> None:
         self.root = Path(root)
+        #: A serving process's view: it reads the store another process writes (and may not
+        #: write it at all), so opening cleans and repairs nothing.
+        self.read_only = read_only
         self.staging_root = self.root / STAGING_DIR
         self._lock_path = self.root / LOCK_FILE
         self._log_path = self.root / CHANGES_FILE
@@ -139,6 +142,9 @@ class LocalStore:
         self._hint.close()
 
     def _open(self) -> None:
+        if self.read_only:
+            self._hint.open()
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         with self._locked(exclusive=True):
             _fs.sweep_staging(self.staging_root)

@@ -123,9 +123,10 @@ class Registry:
         self._refresh_done = 0
 
     @classmethod
-    def local(cls, data_dir: Path, **defaults: int) -> Registry:
-        """The seed's layout under ``data_dir`` (``<name>/<version>/main.wasm`` ...)."""
-        store = LocalStore(Path(data_dir))
+    def local(cls, data_dir: Path, *, read_only: bool = False, **defaults: int) -> Registry:
+        """The seed's layout under ``data_dir`` (``<name>/<version>/main.wasm`` ...);
+        ``read_only``: another process writes it (a serving process's view)."""
+        store = LocalStore(Path(data_dir), read_only=read_only)
         return cls(store, store, **defaults)
 
     @classmethod

@@ -7,6 +7,7 @@ record; none knows a socket, a frame or an HTTP header. See docs/ARCHITECTURE.md
 from __future__ import annotations
 
 from ._context import DEFAULT_TENANT, Caller, RequestContext
+from ._control import ControlLink
 from ._functions import FunctionService
 from ._invoke import InvokeService
 from ._register import Progress, RegisterService, UploadSink
@@ -15,6 +16,7 @@ from ._services import Services
 __all__ = [
     "DEFAULT_TENANT",
     "Caller",
+    "ControlLink",
     "FunctionService",
     "InvokeService",
     "Progress",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final
 
@@ -116,6 +116,24 @@ class UploadSink:
                 f"upload sha256 is {digest.hexdigest()}, the register request announced {sha256}",
                 {"expected": sha256, "actual": digest.hexdigest()},
             )
+
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The announced bytes as they arrive, for a register relayed to the control process
+        (which stages and checks them); the same backlog accounting as :meth:`write_to`."""
+        passed = 0
+        try:
+            while passed < self.size:
+                chunk = await self._queue.get()
+                if self._failed is not None:
+                    raise self._failed
+                passed += len(chunk)
+                self._queued -= len(chunk)
+                if self._queued < UPLOAD_LOW_WATER:
+                    self._on_backlog(False)
+                yield chunk
+        finally:
+            self._on_backlog(False)
 
 
 class RegisterService:

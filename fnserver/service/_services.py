@@ -8,10 +8,22 @@ from .. import __version__
 from ..builder import Builder
 from ..config import ServerConfig
 from ..exec import ExecPool
-from ..protocol import PROTOCOL_VERSION, HelloReply, PingReply, PingRequest, ServerLimits
+from ..protocol import (
+    PROTOCOL_VERSION,
+    CompileReply,
+    CompileRequest,
+    HelloReply,
+    InvalidArgumentError,
+    InvokeRequest,
+    InvokeResult,
+    PingReply,
+    PingRequest,
+    ServerLimits,
+)
 from ..registry import Registry
 from ._context import RequestContext
-from ._functions import FunctionService
+from ._control import ControlLink, RelayedFunctionService, RelayedRegisterService
+from ._functions import FunctionService, fresh
 from ._invoke import InvokeService
 from ._register import RegisterService
 
@@ -21,11 +33,25 @@ __all__ = ["Services"]
 class Services:
     """The use cases of one serving process, over its registry, exec pool and builder."""
 
-    def __init__(self, config: ServerConfig, registry: Registry, pool: ExecPool, builder: Builder) -> None:
+    def __init__(self, config: ServerConfig, registry: Registry, pool: ExecPool,
+                 builder: Builder | None, link: ControlLink | None = None) -> None:
         self.config = config
-        self.functions = FunctionService(registry)
-        self.invocations = InvokeService(registry, pool, config)
-        self.registrations = RegisterService(registry, builder, pool, config)
+        self.registry = registry
+        self.pool = pool
+        self.functions: FunctionService
+        self.registrations: RegisterService
+        if link is not None:  # a serving process under the supervisor: writes are relayed
+            self.functions = RelayedFunctionService(registry, link)
+            self.registrations = RelayedRegisterService(registry, link, config)
+        else:
+            assert builder is not None
+            self.functions = FunctionService(registry)
+            self.registrations = RegisterService(registry, builder, pool, config)
+        self.invocations: InvokeService = (
+            NativeOnlyInvokeService(registry, pool, config)
+            if config.role == "control"
+            else InvokeService(registry, pool, config)
+        )
 
     def hello(self) -> HelloReply:
         """What this server speaks and allows (PROTOCOL.md §4)."""
@@ -50,3 +76,30 @@ class Services:
     async def ping(self, ctx: RequestContext, req: PingRequest) -> PingReply:
         """§5.1."""
         return PingReply()
+
+    async def compile(self, ctx: RequestContext, req: CompileRequest) -> CompileReply:
+        """§5.10: the version's module compiled into the node's cache (checked again if there)."""
+        info = await fresh(self.registry, lambda: self.registry.resolve(req.name, req.version))
+        if "wasm" not in info.artifacts:
+            raise InvalidArgumentError(
+                f"function '{info.name}' version {info.version} has no wasm artifact to compile"
+            )
+        await self.pool.compile(
+            info.name,
+            info.version,
+            self.registry.artifact_path(info, "wasm"),
+            info.artifact_sha256.get("wasm", ""),
+            info.limits.fuel is not None,
+        )
+        return CompileReply(info.name, info.version)
+
+
+class NativeOnlyInvokeService(InvokeService):
+    """The control process's invoke: native calls relayed by the serving processes, never a
+    wasm guest (guests run only in the unprivileged serving processes)."""
+
+    async def invoke(self, ctx: RequestContext, req: InvokeRequest) -> InvokeResult:
+        """§5.8, mode ``native`` only."""
+        if req.mode != "native":
+            raise InvalidArgumentError("the control process runs native calls only")
+        return await super().invoke(ctx, req)

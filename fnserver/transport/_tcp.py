@@ -66,6 +66,7 @@ _HANDLERS: Final[Mapping[str, _Handler]] = {
     "delete": lambda s, ctx, req: s.functions.delete(ctx, req),
     "alias": lambda s, ctx, req: s.functions.alias(ctx, req),
     "invoke": lambda s, ctx, req: s.invocations.invoke(ctx, req),
+    "compile": lambda s, ctx, req: s.compile(ctx, req),
 }
 _CONNECTION_OPS: Final = frozenset({"hello", "register", "upload"})
 #: Every operation this front answers; a test checks it against the table and the spec.

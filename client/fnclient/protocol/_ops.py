@@ -13,6 +13,7 @@ from typing import Any, Final, Protocol
 
 from ._records import (
     AliasRequest,
+    CompileRequest,
     DeleteRequest,
     GetRequest,
     HelloRequest,
@@ -64,6 +65,7 @@ OPERATIONS: Final[Mapping[str, Operation]] = MappingProxyType(
             Operation("delete", "§5.6", DeleteRequest),
             Operation("alias", "§5.7", AliasRequest),
             Operation("invoke", "§5.8", InvokeRequest),
+            Operation("compile", "§5.10", CompileRequest),
         )
     }
 )

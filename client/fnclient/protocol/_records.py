@@ -30,6 +30,8 @@ __all__ = [
     "AliasReply",
     "AliasRequest",
     "ArtifactKind",
+    "CompileReply",
+    "CompileRequest",
     "DeleteReply",
     "DeleteRequest",
     "FunctionLimits",
@@ -694,6 +696,36 @@ class AliasReply:
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "alias": self.alias, "version": self.version, "previous": self.previous}
+
+
+# -- §5.10 compile ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CompileRequest:
+    """§5.10: make sure one version's wasm module is compiled on this node."""
+
+    op: ClassVar[str] = "compile"
+    name: str
+    version: VersionRef = None
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any]) -> CompileRequest:
+        return cls(check_name(body.get("name")), parse_version_ref(body.get("version")))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version}
+
+
+@dataclass(frozen=True, slots=True)
+class CompileReply:
+    """§5.10."""
+
+    name: str
+    version: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version}
 
 
 # -- §5.8 invoke ------------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""A serving process gives up root before it serves (docs/OPERATIONS.md, "Least privilege").
+
+Serving processes run wasm guests in their own address space. If one ever escaped wasmtime,
+it should find a process that can change nothing that outlives it: no capability, no write
+access to the store or the module cache, no way to signal or trace another process of the
+server. So, when started as root, a serving process:
+
+1. claims a uid of its own from the sandbox range (never shared with a worker, a build, another
+   serving process or another server: the same flock-held claim the workers use);
+2. opens the data directory and the module cache directory while still root, and from then on
+   reaches them through those descriptors (``/proc/self/fd/N``), so directories above them may
+   stay private to root (a 0700 home, pytest's temporary directories);
+3. reaches ``sys.path`` the same way, so later imports still work when the interpreter is
+   installed under a private home;
+4. drops every group, its gid and uid to the claimed one (which clears every capability) and
+   sets ``no_new_privs``. Being non-dumpable after the change, it cannot be traced by the
+   other uids' processes either.
+
+The store's files are root's, 0644 in 0755 directories: readable, never writable, from here.
+Not root: nothing changes (no other uid to go to).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Final
+
+from .config import ServerConfig
+from .exec._sandbox import claim_uids
+
+__all__ = ["Dropped", "drop_root"]
+
+log = logging.getLogger("fnserver")
+
+_PR_SET_NO_NEW_PRIVS: Final = 38
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """What the drop left this process: its config (paths through held descriptors), its uid
+    (None when it was not root) and the descriptors it must keep open for its life."""
+
+    config: ServerConfig
+    uid: int | None
+    keep: tuple[int, ...]
+
+
+def drop_root(config: ServerConfig) -> Dropped:
+    """Claim a uid, hold the store's directories open, become that uid (see module docs)."""
+    if os.geteuid() != 0:
+        return Dropped(config, None, ())
+    uids, locks = claim_uids(1)
+    uid = uids[0]
+    data_fd = os.open(config.data_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    modules_fd = os.open(config.modules_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    config = replace(
+        config,
+        data_dir=Path(f"/proc/self/fd/{data_fd}"),
+        compile_cache_dir=Path(f"/proc/self/fd/{modules_fd}"),
+        build_cache_dir=None,
+    )
+    path_fds = _hold_import_path()
+    os.chdir("/")
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    log.info("serving process %d runs as uid %d, without capabilities", os.getpid(), uid)
+    return Dropped(config, uid, (*locks, data_fd, modules_fd, *path_fds))
+
+
+def _hold_import_path() -> list[int]:
+    """Reach ``sys.path`` through held descriptors too: an interpreter installed under a
+    private home (pyenv under a 0700 /root) would otherwise refuse the imports that happen
+    after the drop (the standard library imports lazily). Reading is all it allows."""
+    held: list[int] = []
+    for i, entry in enumerate(sys.path):
+        path = entry or os.getcwd()
+        if not os.path.isdir(path):
+            continue
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        held.append(fd)
+        sys.path[i] = f"/proc/self/fd/{fd}"
+    sys.path_importer_cache.clear()
+    return held

@@ -290,3 +290,28 @@ async def test_warm_calls_never_wait_for_the_control_process_which_is_replaced(
         assert info["version"] == 2
         assert (await client.invoke("echo")).exit_code == 4
         await client.close()
+
+
+async def test_a_damaged_module_is_recompiled_by_the_control_process_never_run(
+    tmp_path: Path,
+) -> None:
+    async with supervisor(tmp_path, 1) as srv:
+        (client,) = (await clients_on(srv.address, 1)).values()
+        await client.register("echo", wf.echo(), filename="echo.wasm")
+        (cwasm,) = (tmp_path / "data").rglob("*.cwasm")
+        good = cwasm.read_bytes()
+        # Swapped for other bytes of the same size: what a tampered cache would hold.
+        cwasm.write_bytes(bytes(b ^ 0xFF for b in good))
+        # A fresh serving process (the old one had the module mapped already).
+        pid = client.server_info["pid"]
+        await client.close()
+        mark = len(srv.log)
+        os.kill(pid, signal.SIGKILL)
+        await wait_for_line(srv, "ready", mark)
+        (client,) = (await clients_on(srv.address, 1)).values()
+        assert client.server_info["pid"] != pid
+        assert (await client.invoke("echo", b"intact")).output == b"intact"
+        # The control process removed the bad file and wrote the module again.
+        (again,) = (tmp_path / "data").rglob("*.cwasm")
+        assert again.read_bytes() == good
+        await client.close()

@@ -16,6 +16,7 @@ from typing import Final
 
 __all__ = [
     "BUILD_HUGE_ARRAY_GO",
+    "BUILD_HUGE_ARRAY_READ_GO",
     "C_SOURCES",
     "build_natives",
     "compile_bomb",
@@ -302,6 +303,23 @@ int main(void) {
     "forkbomb": r"""
 #include <unistd.h>
 int main(void) { for (;;) fork(); }""",
+    # Tries to kill the process that started it (its worker), then every process it may
+    # signal. kill(0) would be its own process group: a parent it cannot see is not tried.
+    "regicide": r"""
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+int main(void) {
+    pid_t pp = getppid();
+    if (pp > 1) printf("parent:%s\n", kill(pp, SIGKILL) == 0 ? "KILLED" : strerror(errno));
+    else puts("parent:not visible");
+    fflush(stdout);
+    kill(-1, SIGKILL);  /* returns 0 whenever any other process exists: judged by its effect */
+    puts("survived");
+    return 0;
+}""",
     # Talks to itself over 127.0.0.1, then tries the host's port argv[1].
     "loopback": r"""
 #include <arpa/inet.h>
@@ -330,8 +348,15 @@ int main(int argc, char **argv) {
 }""",
 }
 
-#: Issue 9: a 102-byte Go source whose binary would hold a 256 MiB array.
+#: Issue 9's huge-array source as it was reported. Go 1.27.3 initialises this sparse array at
+#: run time (only big[0] is read): a 1.9 MB binary, measured.
 BUILD_HUGE_ARRAY_GO: Final = "package main\nvar big = [1<<28]byte{1}\nfunc main(){_ = big[0]}\n"
+#: The same array read at a computed index: Go 1.27.3 then stores all 256 MiB of it in the
+#: native binary, from 88 bytes of source (measured: a 270 MB main.bin; the main.wasm stays
+#: 1.9 MB, its data segments leave out the zeros).
+BUILD_HUGE_ARRAY_READ_GO: Final = (
+    "package main\nvar big = [1<<28]byte{1}\nfunc main(){ println(big[len(big)-1], len(big)) }\n"
+)
 
 
 def include_source(path: str) -> str:

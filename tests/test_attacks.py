@@ -296,6 +296,24 @@ async def test_a_native_function_sees_nothing_of_the_data_directory(
         await assert_serving(c)
 
 
+async def test_a_native_function_sees_no_checkout_or_home_directory(
+    root: Path, natives: dict[str, Path]
+) -> None:
+    """Issue 9, item 2: no view of home directories or checkouts either (this very
+    checkout, world-readable like most, is the one tried)."""
+    checkout = Path(__file__).resolve().parents[1]
+    homes = [Path.home(), *(p for p in Path("/home").glob("*") if p.is_dir())]
+    async with serving(root) as srv, srv.client() as c:
+        await add_bystanders(c, natives)
+        await register_native(c, natives, "peek")
+        for place in (checkout, *homes):
+            r = await c.invoke("peek", args=[str(place)])
+            out = r.output.decode(errors="replace")
+            seen = [line for line in out.splitlines() if line.startswith(f"L {place}")]
+            assert seen == [], (place, seen[:20])
+        await assert_serving(c)
+
+
 # -- 3. reading the server's command line -------------------------------------------------------
 
 

@@ -238,15 +238,17 @@ int main(int argc, char **argv) {
     puts("end");
     return 0;
 }""",
-    # Forks at its first instruction (a constructor, before main), and the child tries to
-    # escape the call's limits while the parent waits for it (argv[1]): "m" touch 1 GiB of
-    # malloc'd memory, "f" write a 100 MiB file in /tmp, "s" spin; "o": the child spins in a
-    # session of its own while the parent exits at once (outlive the call).
+    # Forks at its first instruction (a constructor, before main); the child raises every
+    # soft limit it can to its hard limit, then tries to escape the call's limits while the
+    # parent waits for it (argv[1]): "m" touch 1 GiB of malloc'd memory, "f" write a 100 MiB
+    # file in /tmp, "s" spin; "o": the child spins in a session of its own while the parent
+    # exits at once (outlive the call).
     "forkfirst": r"""
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 static pid_t child = -1;
@@ -254,6 +256,11 @@ __attribute__((constructor)) static void first(void) { child = fork(); }
 int main(int argc, char **argv) {
     char mode = argc > 1 ? argv[1][0] : 'm';
     if (child == 0) {
+        int limits[] = {RLIMIT_FSIZE, RLIMIT_CPU, RLIMIT_AS, RLIMIT_DATA, RLIMIT_NPROC};
+        for (int i = 0; i < 5; i++) {
+            struct rlimit r;
+            if (getrlimit(limits[i], &r) == 0) { r.rlim_cur = r.rlim_max; setrlimit(limits[i], &r); }
+        }
         if (mode == 'm') {
             size_t n = 1UL << 30;
             volatile char *p = malloc(n);

@@ -26,7 +26,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -523,17 +523,19 @@ async def test_two_compile_bombs_do_not_stop_invocations(
         await add_bystanders(other, natives)
         compiling = {name: asyncio.Event() for name in bombs}
 
-        def progress(name: str, event: dict[str, Any]) -> None:
-            if event.get("stage") == "compile":
-                compiling[name].set()
+        def on_progress(name: str) -> Callable[[dict[str, Any]], None]:
+            def progress(event: dict[str, Any]) -> None:
+                if event.get("stage") == "compile":
+                    compiling[name].set()
+            return progress
 
-        registers = [
-            asyncio.ensure_future(c.register(
-                name, wasm, filename=f"{name}.wasm",
-                progress=lambda e, name=name: progress(name, e)))  # type: ignore[misc]
+        registers: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(c.register(name, wasm, filename=f"{name}.wasm",
+                                             progress=on_progress(name)))
             for name, wasm in bombs.items()
         ]
-        both = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in compiling.values())))
+        both: asyncio.Future[Any] = asyncio.ensure_future(
+            asyncio.gather(*(e.wait() for e in compiling.values())))
         await asyncio.wait([both, *registers], return_when=asyncio.FIRST_COMPLETED)
         assert both.done(), [r.exception() for r in registers if r.done()]
         assert not any(r.done() for r in registers)

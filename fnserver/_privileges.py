@@ -25,13 +25,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
 from .config import ServerConfig
-from .exec._sandbox import claim_uids
+from .exec._sandbox import claim_uids, hold_import_path
 
 __all__ = ["Dropped", "drop_root"]
 
@@ -64,7 +63,7 @@ def drop_root(config: ServerConfig) -> Dropped:
         compile_cache_dir=Path(f"/proc/self/fd/{modules_fd}"),
         build_cache_dir=None,
     )
-    path_fds = _hold_import_path()
+    path_fds = hold_import_path()
     os.chdir("/")
     os.setgroups([])
     os.setresgid(uid, uid, uid)
@@ -75,18 +74,3 @@ def drop_root(config: ServerConfig) -> Dropped:
     log.info("serving process %d runs as uid %d, without capabilities", os.getpid(), uid)
     return Dropped(config, uid, (*locks, data_fd, modules_fd, *path_fds))
 
-
-def _hold_import_path() -> list[int]:
-    """Reach ``sys.path`` through held descriptors too: an interpreter installed under a
-    private home (pyenv under a 0700 /root) would otherwise refuse the imports that happen
-    after the drop (the standard library imports lazily). Reading is all it allows."""
-    held: list[int] = []
-    for i, entry in enumerate(sys.path):
-        path = entry or os.getcwd()
-        if not os.path.isdir(path):
-            continue
-        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        held.append(fd)
-        sys.path[i] = f"/proc/self/fd/{fd}"
-    sys.path_importer_cache.clear()
-    return held

@@ -1009,9 +1009,10 @@ async def test_native_calls_cannot_see_the_store(natives: dict[str, Path]) -> No
     """The store and the caches are covered by empty file systems in the worker's mount
     namespace: a native function sees nothing of them, its own version directory included
     (it runs all the same: the worker opens its binary through its own handle)."""
-    # Outside /tmp (which the worker's private /tmp covers anyway), under a directory every
-    # uid may search, so that "sees nothing" is the cover and not a permission.
-    base = Path("/var/lib")
+    # Outside /tmp (which the worker's private /tmp covers anyway) and outside the top-level
+    # directories covered whole (/var, /home, /opt...), under a directory every uid may
+    # search, so that "sees nothing" is the store's own cover and not a permission.
+    base = Path("/usr/local")
     if os.geteuid() != 0 or not os.access(base, os.W_OK):
         pytest.skip("the private mounts need a server started as root")
     root = Path(tempfile.mkdtemp(prefix="fnserver-store-test-", dir=base))

@@ -37,6 +37,7 @@ import shutil
 import signal
 import socket
 import struct
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ _MS_NOSUID: Final = 0x2
 _MS_NODEV: Final = 0x4
 _MS_NOEXEC: Final = 0x8
 _MS_REC: Final = 0x4000
+_MS_REMOUNT: Final = 0x20
 _MS_PRIVATE: Final = 0x40000
 _SIOCGIFFLAGS: Final = 0x8913
 _SIOCSIFFLAGS: Final = 0x8914
@@ -77,6 +79,11 @@ WORKER_AS: Final = 8 << 30  # backstop for the worker itself; its binaries get p
 #: The worker's private scratch file systems (what native calls may write, wiped after each).
 PRIVATE_TMP: Final = ("/tmp", "/var/tmp", "/dev/shm")
 PRIVATE_TMP_SIZE: Final = "64m"
+#: What of the host's root stays in view of native calls: the system (programs, libraries,
+#: ``/etc``), devices and kernel interfaces. Every other top-level directory (homes,
+#: checkouts, ``/opt``, ``/srv``, ``/mnt``, ``/var`` and ``/run``) is covered by an empty one.
+HOST_KEEP: Final = frozenset({"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc",
+                              "dev", "proc", "sys", "tmp"})
 #: The worker's environment variable naming the directories to hide (os.pathsep-joined).
 HIDDEN_ENV: Final = "FNSERVER_HIDDEN"
 _MS_RDONLY: Final = 0x1
@@ -194,6 +201,16 @@ def _private_mounts(uid: int, scratch: str, hidden: tuple[str, ...]) -> None:
         raise OSError(ctypes.get_errno(), f"unshare(CLONE_NEWNS): {_errno()}")
     # Mounts made here must not propagate back to the host.
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE, None)
+    for name in sorted(os.listdir("/")):
+        target = "/" + name
+        if name not in HOST_KEEP | {"var"} and os.path.isdir(target) and not os.path.islink(target):
+            _mount("tmpfs", target, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+                   "size=4k,mode=0755")
+    if os.path.isdir("/var") and not os.path.islink("/var"):  # but a private /var/tmp, below
+        _mount("tmpfs", "/var", "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k,mode=0755")
+        os.mkdir("/var/tmp", 0o1777)
+        _mount("tmpfs", "/var", "tmpfs",
+               _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k,mode=0755")
     for target in PRIVATE_TMP:
         if os.path.isdir(target):
             _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV,
@@ -259,9 +276,32 @@ def _memory_cgroup(uid: int) -> MemoryCgroup:
     return group
 
 
-def wipe_private_tmp(keep: str) -> None:
-    """Remove everything a call left in the private scratch file systems (but ``keep``, the
-    worker's own scratch directory, whose call directories are handled apart)."""
+def hold_import_path() -> list[int]:
+    """Reach ``sys.path`` through held descriptors (``/proc/self/fd/N``): the standard library
+    imports lazily, and the interpreter may live where this process will not see it any more
+    (a home directory covered by the mount namespace, or under a 0700 /root after a uid
+    drop). Reading is all the descriptors allow; they are close-on-exec."""
+    held: list[int] = []
+    for i, entry in enumerate(sys.path):
+        path = entry or os.getcwd()
+        if path.startswith("/proc/self/fd/") or not os.path.isdir(path):
+            continue
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        held.append(fd)
+        sys.path[i] = f"/proc/self/fd/{fd}"
+    sys.path_importer_cache.clear()
+    return held
+
+
+def wipe_private_tmp(keep: str, keep_inside: str | None = None) -> None:
+    """Remove everything a call left in the private scratch file systems: all but ``keep``,
+    the worker's own scratch directory, and in it all but ``keep_inside`` (the next call's
+    directory, checked empty before it is used)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(keep):
+            path = os.path.join(keep, name)
+            if path != keep_inside:
+                _remove(path)
     for root in PRIVATE_TMP:
         try:
             entries = os.listdir(root)
@@ -269,15 +309,18 @@ def wipe_private_tmp(keep: str) -> None:
             continue
         for name in entries:
             path = os.path.join(root, name)
-            if path == keep:
-                continue
+            if path != keep:
+                _remove(path)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        if os.path.isdir(path) and not os.path.islink(path):
             with contextlib.suppress(OSError):
-                if os.path.isdir(path) and not os.path.islink(path):
-                    with contextlib.suppress(OSError):
-                        os.chmod(path, 0o700)  # a call may have locked its own directory
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    os.unlink(path)
+                os.chmod(path, 0o700)  # a call may have locked its own directory
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
 
 
 def setup_worker(
@@ -307,6 +350,7 @@ def setup_worker(
             # (close-on-exec; a non-dumpable worker's fds are closed to its children's
             # /proc/<pid>/fd): artifacts under a host /tmp stay reachable to it.
             info.host_root = os.open("/", os.O_PATH | os.O_CLOEXEC)
+            hold_import_path()
             _private_mounts(uid, scratch, hidden)
             info.private_tmp = True
         except OSError as exc:
@@ -366,17 +410,6 @@ def _drop_root(uid: int, info: SandboxInfo) -> None:
     _prctl(_PR_SET_KEEPCAPS, 0)
 
 
-def _reap_all() -> None:
-    """Reap every child until none is left (blocking: they were all SIGKILLed)."""
-    while True:
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            return
-        except InterruptedError:
-            continue
-
-
 def _children() -> list[int]:
     pids: list[int] = []
     try:
@@ -397,16 +430,13 @@ def kill_descendants(info: SandboxInfo, *, startup: bool = False) -> int:
 
     The worker is a child subreaper, so once a native binary has been waited for, anything it
     left behind (even after ``setsid`` or a double fork) is in the worker's subtree: no
-    children means nothing is left, which is the common case and costs one /proc read. With a
-    dedicated uid, ``kill(-1, SIGKILL)`` then ends the whole subtree at once, grandchildren
-    included; otherwise the worker walks its children round by round.
-
-    ``kill(-1)`` cannot tell whether it found anything: Linux returns 0 as soon as any other
-    process exists, even when every one of them refused with EPERM, so the loop asks
-    ``/proc/self/task/*/children`` instead.
+    children means nothing is left, which is the common case and costs one /proc read. Each
+    round kills the worker's children one by one and waits for them; what they had forked is
+    then the worker's child, for the next round.
 
     ``startup``: a new worker in a recycled uid slot sends one ``kill(-1)`` for leftovers of its
-    predecessor (not its children; the pool also sweeps that uid before starting it).
+    predecessor (not its children; the pool also sweeps that uid before starting it), before
+    its serving thread is under the seccomp filter that refuses ``kill(-1)``.
     """
     if startup:
         if info.uid is not None:
@@ -417,14 +447,15 @@ def kill_descendants(info: SandboxInfo, *, startup: bool = False) -> int:
         pids = _children()
         if not pids:
             return rounds
-        if info.uid is not None:
-            with contextlib.suppress(OSError):
-                os.kill(-1, signal.SIGKILL)
-        else:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        _reap_all()
+        # One by one: the serving thread's seccomp filter (_seccomp.py) refuses kill(-1), so
+        # that no native call can aim it at the worker. What a killed process had forked is
+        # reparented to the worker (the subreaper) and ends in the next round.
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in pids:  # these die now; a blocking wait on any child might wait on a live one
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
     return 64
 
 

@@ -46,6 +46,7 @@ from ._sandbox import (
     setup_worker,
     wipe_private_tmp,
 )
+from ._seccomp import protect_worker
 from ._wire import (
     PIPE_MAX_FRAME,
     PipeError,
@@ -108,6 +109,11 @@ class Worker:
 
     def serve(self) -> None:
         """Read requests until the parent closes the pipe."""
+        if self.info.uid is not None:
+            # On this thread, which spawns every native call: they inherit it (_seccomp.py).
+            refused = protect_worker(os.getpid(), threading.get_native_id())
+            if refused is not None:
+                self.info.refused.append(refused)
         decoder = FrameDecoder(PIPE_MAX_FRAME)
         self.send(
             Ready(
@@ -218,7 +224,7 @@ class Worker:
             oom_killed = self._memcg_oom_killed(oom_before)
             if self.info.private_tmp:
                 # Nothing a call wrote outlives it (its processes are all dead by now).
-                wipe_private_tmp(keep=self.scratch)
+                wipe_private_tmp(keep=self.scratch, keep_inside=self._last_dir)
         output, out_size = _read_fd(self.out_fd, cap)
         stderr, _ = _read_fd(self.err_fd, min(cap, STDERR_MAX))
         self._reset_outputs()

@@ -63,6 +63,7 @@ def parse_command(argv: list[str] | None = None) -> Command:
     p.add_argument("--max-builds", type=int, default=d.max_builds, help=f"builds running at once (default {d.max_builds})")
     p.add_argument("--build-timeout", type=float, default=d.build_timeout_s, help=f"seconds a build may take (default {d.build_timeout_s:g})")
     p.add_argument("--cache-dir", type=Path, default=None, help="build caches (default <data-dir>/.cache)")
+    p.add_argument("--unsandboxed-native", action="store_true", help="run native functions even where their sandbox is incomplete (not root, no namespaces or seccomp); refused by default")
     p.add_argument("--no-warm", action="store_true", help="do not warm the C toolchain cache at start")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"fnserver {__version__}")
@@ -100,6 +101,7 @@ def parse_command(argv: list[str] | None = None) -> Command:
         build_timeout_s=a.build_timeout,
         max_artifact=a.max_artifact_mb * 1024 * 1024,
         warm_builds=not a.no_warm,
+        unsandboxed_native=a.unsandboxed_native,
         build_cache_dir=a.cache_dir,
         role=a.role or "all",
         control_address=a.control,

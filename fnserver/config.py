@@ -52,6 +52,8 @@ class ServerConfig:
     #: token it accepts (from the supervisor, never on a command line).
     control_address: str | None = None
     control_token: str | None = None
+    #: Run native functions even where their sandbox is incomplete (not root, no namespaces).
+    unsandboxed_native: bool = False
     max_builds: int = 2
     build_timeout_s: float = 120.0
     build_memory_mb: int = 4096

@@ -67,6 +67,7 @@ class FnServer:
             wasm_per_function=config.wasm_per_function,
             hidden=(config.data_dir, config.cache_dir),
             delegate=self.link,
+            unsandboxed_native=config.unsandboxed_native,
         )
         self.builder: Builder | None = None
         if not serving:

@@ -61,3 +61,12 @@ def test_foreign_calls_are_refused() -> None:
     p = program(1, 1)
     assert run(p, 62 | 0x40000000, (5,)) == ENOSYS  # x32
     assert run(p, 62, (5,), arch=0x40000003) == KILL  # i386
+
+
+def test_a_worker_without_its_whole_sandbox_names_what_is_missing() -> None:
+    from fnserver.exec._wire import Ready
+
+    assert Ready(60000, True, True, ("memory cgroup: no memory cgroup",)).gaps() == []
+    assert Ready(None, True, True).gaps() == ["the server does not run as root (no sandbox uid)"]
+    gaps = Ready(60000, True, False, ("seccomp: Invalid argument", "private mounts: EPERM")).gaps()
+    assert gaps == ["no network namespace", "seccomp: Invalid argument", "private mounts: EPERM"]

@@ -107,7 +107,11 @@ class ExecPool:
         wasm_per_function: int | None = None,
         hidden: Sequence[Path] = (),
         delegate: Delegate | None = None,
+        unsandboxed_native: bool = False,
     ) -> None:
+        # Native calls run only in a complete sandbox unless the operator said otherwise
+        # (``--unsandboxed-native``): a host that refuses a piece gets a clear refusal.
+        self.unsandboxed_native = unsandboxed_native
         # A delegate takes the native calls and the compiles: this pool then runs wasm only,
         # with no worker, no compiler and no write to the module cache.
         self._delegate = delegate
@@ -431,6 +435,7 @@ class ExecPool:
         """A native call runs in a worker process, which spawns the binary for it."""
         if self._delegate is not None:
             return await self._delegate.invoke_native(job)
+        self._check_sandbox()
         lim = job.limits
         request = RunRequest(
             function=job.function,
@@ -485,6 +490,19 @@ class ExecPool:
         wall_us = (time.perf_counter_ns() - t0) // 1000
         queue_us = max(0, wall_us - result.duration_us)
         return dataclasses.replace(result, version=job.version, queue_us=queue_us, wall_us=wall_us)
+
+    def _check_sandbox(self) -> None:
+        if self.unsandboxed_native:
+            return
+        gaps = sorted({g for w in self._workers if w is not None and w.info is not None
+                       for g in w.info.gaps()})
+        if gaps:
+            raise UnavailableError(
+                "native functions are refused on this server: their sandbox is incomplete ("
+                + "; ".join(gaps) + "). Start the server as root on a host that allows "
+                "namespaces and seccomp, or pass --unsandboxed-native to run them anyway",
+                {"sandbox_gaps": gaps},
+            )
 
     def stats(self) -> dict[str, Any]:
         """Counters for monitoring and tests."""

@@ -88,6 +88,11 @@ class RunRequest:
         )
 
 
+#: Refusals (``SandboxInfo.refused``) that leave a native call without its sandbox.
+_ESSENTIAL: Final = ("unshare(CLONE_NEWNET)", "loopback up", "private mounts", "seccomp",
+                     "drop to uid", "no_new_privs", "capset")
+
+
 @dataclass(frozen=True, slots=True)
 class Ready:
     """Sent once by a worker after hardening itself: what the sandbox managed to apply."""
@@ -97,6 +102,15 @@ class Ready:
     subreaper: bool
     netns: bool
     refused: tuple[str, ...] = field(default=())
+
+    def gaps(self) -> list[str]:
+        """What is missing from the native sandbox this worker set up (empty: all of it).
+        The memory cgroup is not among them: without it rlimits bound memory (issue 9)."""
+        gaps = [] if self.uid is not None else ["the server does not run as root (no sandbox uid)"]
+        if not self.netns:
+            gaps.append("no network namespace")
+        gaps += [r for r in self.refused if r.startswith(_ESSENTIAL)]
+        return gaps
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map of this record."""

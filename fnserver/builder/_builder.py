@@ -68,19 +68,33 @@ _SHARED_CACHES: Final = ("go-build", "zig")
 #: Scratch dirs a build writes (the build uid's own; ``src`` is the server's, read-only).
 _WRITABLE: Final = ("out", "home", "tmp", "gopath", "zig-cache")
 _logged_unboxed = False
-#: What the warm-up builds: wasi-libc, and the Go standard packages functions use most, for
-#: both targets (an upload's build cannot add to the shared cache, so what is not warmed here
-#: is compiled again by every build that imports it).
+_WARM_C: Final = b"#include <stdio.h>\nint main(void) { puts(\"ok\"); return 0; }\n"
+_WARM_GO_MAIN: Final = (b"\t\"fmt\"\n\t\"io\"\n\t\"os\"\n)\n\nfunc main() {\n"
+                        b"\tb, _ := io.ReadAll(os.Stdin)\n\tfmt.Print(string(b))\n}\n")
+#: What the server's warm-up builds: wasi-libc, and the Go standard packages functions use
+#: most, for both targets (an upload's build cannot add to the shared cache, so what is not
+#: warmed is compiled again by every build that imports it).
 _WARM_SOURCES: Final = {
-    "warm.c": b"#include <stdio.h>\nint main(void) { puts(\"ok\"); return 0; }\n",
-    "warm.go": b"package main\n\nimport (\n"
-               + b"".join(b"\t_ \"" + pkg.encode() + b"\"\n" for pkg in (
-                   "bufio", "bytes", "crypto/sha256", "encoding/base64", "encoding/binary",
-                   "encoding/hex", "encoding/json", "errors", "math", "math/rand", "sort",
-                   "strconv", "strings", "time", "unicode/utf8"))
-               + b"\t\"fmt\"\n\t\"io\"\n\t\"os\"\n)\n\n"
-               b"func main() {\n\tb, _ := io.ReadAll(os.Stdin)\n\tfmt.Print(string(b))\n}\n",
+    "zig": ("warm.c", _WARM_C),
+    "go": ("warm.go", b"package main\n\nimport (\n"
+           + b"".join(b"\t_ \"" + pkg.encode() + b"\"\n" for pkg in (
+               "bufio", "bytes", "crypto/sha256", "encoding/base64", "encoding/binary",
+               "encoding/hex", "encoding/json", "errors", "math", "math/rand", "sort",
+               "strconv", "strings", "time", "unicode/utf8"))
+           + _WARM_GO_MAIN),
 }
+#: The smaller warm-up a boxed builder runs before its first build of a toolchain, when the
+#: server's own warm-up has not run (``--no-warm``): wasi-libc, Go's fmt/io/os.
+_FIRST_WARM: Final = {
+    "zig": ("warm.c", _WARM_C),
+    "go": ("warm.go", b"package main\n\nimport (\n" + _WARM_GO_MAIN),
+}
+_TOOLCHAIN_OF: Final = {"go": "go", "go-module": "go", "c": "zig", "zig": "zig"}
+
+
+def _ignore(_msg: str) -> None:
+    pass
+
 
 _NO_MODULE_RE: Final = re.compile(
     r"(?:no required module provides package|cannot find module providing package)\s+([^\s;:]+)"
@@ -164,6 +178,8 @@ class Builder:
         self._free_uids: list[int] = []
         self._uid_locks: list[int] = []
         self._cache_ready = False
+        self._warmed: set[str] = set()
+        self._warm_locks: dict[str, asyncio.Lock] = {}
         self._go: GoToolchain | None = None
         self._zig: ZigToolchain | None = None
         self._libc_warm = False
@@ -191,23 +207,40 @@ class Builder:
     # -- public -------------------------------------------------------------------------------
 
     async def warm(self) -> None:
-        """Fill the toolchain caches (zig's wasi-libc, Go's std for both targets).
+        """Fill the toolchain caches (zig's wasi-libc, Go's common std packages, both targets).
 
-        The only builds that write the shared caches directly (trusted source, run as root in
-        the box when boxed); an upload's build writes only a layer of its own. A failure is
-        logged, not raised: warming is only an optimisation.
+        Warm-ups are the only builds that write the shared caches directly (trusted source;
+        as root in the box when boxed); an upload's build writes only a layer of its own. A
+        failure is logged, not raised: warming is only an optimisation.
         """
-        for name, text in _WARM_SOURCES.items():
+        for toolchain, (name, text) in _WARM_SOURCES.items():
+            async with self._slots, self._shared or contextlib.nullcontext():
+                await self._warm_one(toolchain, name, text, None, force=True)
+
+    async def _warm_one(self, toolchain: str, name: str, text: bytes,
+                        report: Progress | None, *, force: bool = False) -> None:
+        """One trusted warm-up build (the caller holds a build slot); once per toolchain and
+        builder unless ``force``."""
+        async with self._warm_locks.setdefault(toolchain, asyncio.Lock()):
+            if toolchain in self._warmed and not force:
+                return
+            if report is not None:
+                report(f"warming the shared {toolchain} build cache")
             with tempfile.TemporaryDirectory(dir=self._cache_dir / "tmp") as tmp:
                 upload = Path(tmp) / name
                 upload.write_bytes(text)
                 try:
-                    await self._build(upload, name, Path(tmp) / "out", kind=None, progress=None,
-                                      on_artifact=None, trusted=True)
-                except FnError as exc:
-                    log.warning("warming the build cache with %s failed: %s", name, exc)
-        if self._sandbox:
-            await asyncio.to_thread(_open_cache_modes, self._cache_dir)
+                    async with asyncio.timeout(self._timeout_s):
+                        await self._run(upload, name, Path(tmp) / "out", detect_kind(name),
+                                        None, None, trusted=True)
+                except (FnError, TimeoutError) as exc:
+                    log.warning("warming the build cache with %s failed: %s", name,
+                                exc or "timed out")
+                    return
+                finally:
+                    if self._sandbox:
+                        await asyncio.to_thread(_open_cache_modes, self._cache_dir)
+            self._warmed.add(toolchain)
 
     async def build(self, upload: Path, filename: str, out_dir: Path, *, kind: str | None = None,
                     progress: Progress | None = None,
@@ -224,51 +257,65 @@ class Builder:
     async def _build(self, upload: Path, filename: str, out_dir: Path, *, kind: str | None,
                      progress: Progress | None, on_artifact: OnArtifact | None,
                      trusted: bool) -> BuildResult:
-        started = time.monotonic()
         kind = validate_kind(kind) if kind is not None else detect_kind(filename)
         report: Progress = progress if progress is not None else (lambda _msg: None)
         if self._slots.locked() or (self._shared is not None and self._shared.locked()):
             report("waiting for a build slot")
         async with self._slots, self._shared or contextlib.nullcontext():
-            uid = await self._take_uid() if self._sandbox and not trusted else None
-            run: _Build | None = None
+            toolchain = _TOOLCHAIN_OF.get(kind)
+            if self._sandbox and not trusted and toolchain is not None:
+                # An upload's build cannot fill the shared cache: a cold one is warmed first,
+                # by a trusted build, or every build would start from nothing.
+                name, text = _FIRST_WARM[toolchain]
+                await self._warm_one(toolchain, name, text, report)
+            return await self._run(upload, filename, Path(out_dir), kind, report, on_artifact,
+                                   trusted=trusted)
+
+    async def _run(self, upload: Path, filename: str, out_dir: Path, kind: str,
+                   report: Progress | None, on_artifact: OnArtifact | None, *,
+                   trusted: bool) -> BuildResult:
+        """One build, in the caller's build slot."""
+        started = time.monotonic()
+        if report is None:
+            report = _ignore
+        uid = await self._take_uid() if self._sandbox and not trusted else None
+        run: _Build | None = None
+        scratch = Path(tempfile.mkdtemp(prefix="build-", dir=self._cache_dir / "tmp"))
+        try:
+            cgroup = (await asyncio.to_thread(_make_cgroup, uid, self._memory_bytes)
+                      if uid is not None else None)
+            run = _Build(scratch, Path(out_dir), uid=uid, cgroup=cgroup,
+                         trusted=trusted and self._sandbox, on_artifact=on_artifact)
+            deadline = asyncio.timeout(self._timeout_s)
             try:
-                scratch = Path(tempfile.mkdtemp(prefix="build-", dir=self._cache_dir / "tmp"))
-                cgroup = (await asyncio.to_thread(_make_cgroup, uid, self._memory_bytes)
-                          if uid is not None else None)
-                run = _Build(scratch, Path(out_dir), uid=uid, cgroup=cgroup,
-                             trusted=trusted and self._sandbox, on_artifact=on_artifact)
-                deadline = asyncio.timeout(self._timeout_s)
-                try:
-                    async with deadline:
-                        outcome = await self._build_kind(kind, Path(upload), run, report)
-                        for artifact in outcome.artifacts:
-                            if artifact not in run.published:
-                                await self._publish(run, artifact)
-                except BuildError as err:
-                    err.details["log"] = _user_source_names(err.details.get("log", ""), kind, filename)
-                    raise
-                except TimeoutError:
-                    if deadline.expired():
-                        raise BuildError(
-                            f"build timed out after {self._timeout_s:g} s",
-                            {"log": "", "timeout_s": self._timeout_s},
-                        ) from None
-                    raise
-            except BaseException as exc:
-                if isinstance(exc, BoxError):
-                    log.error("the build box failed: %s", exc.detail)
-                if run is not None:
-                    await asyncio.to_thread(_unpublish, run)
+                async with deadline:
+                    outcome = await self._build_kind(kind, Path(upload), run, report)
+                    for artifact in outcome.artifacts:
+                        if artifact not in run.published:
+                            await self._publish(run, artifact)
+            except BuildError as err:
+                err.details["log"] = _user_source_names(err.details.get("log", ""), kind, filename)
                 raise
-            finally:
-                # A thread finishes even if this await is cancelled, so the scratch dir goes.
-                if run is not None:
-                    await asyncio.to_thread(shutil.rmtree, run.scratch, True)
-                    if run.cgroup is not None:
-                        await asyncio.to_thread(_remove_cgroup, run.cgroup)
-                if uid is not None:
-                    self._free_uids.append(uid)
+            except TimeoutError:
+                if deadline.expired():
+                    raise BuildError(
+                        f"build timed out after {self._timeout_s:g} s",
+                        {"log": "", "timeout_s": self._timeout_s},
+                    ) from None
+                raise
+        except BaseException as exc:
+            if isinstance(exc, BoxError):
+                log.error("the build box failed: %s", exc.detail)
+            if run is not None:
+                await asyncio.to_thread(_unpublish, run)
+            raise
+        finally:
+            # A thread finishes even if this await is cancelled, so the scratch dir goes.
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
+            if run is not None and run.cgroup is not None:
+                await asyncio.to_thread(_remove_cgroup, run.cgroup)
+            if uid is not None:
+                self._free_uids.append(uid)
         return BuildResult(
             kind=kind,
             artifacts=outcome.artifacts,

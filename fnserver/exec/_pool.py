@@ -108,7 +108,10 @@ class ExecPool:
         hidden: Sequence[Path] = (),
         delegate: Delegate | None = None,
         unsandboxed_native: bool = False,
+        compile_slots: asyncio.Semaphore | None = None,
     ) -> None:
+        # Shared with the builder: builds and compiles together stay under one bound.
+        self._compile_slots = compile_slots
         # Native calls run only in a complete sandbox unless the operator said otherwise
         # (``--unsandboxed-native``): a host that refuses a piece gets a clear refusal.
         self.unsandboxed_native = unsandboxed_native
@@ -172,6 +175,7 @@ class ExecPool:
             self.cache_dir,
             compiler_uid=self._uids[self.size] if self._uids else None,
             timeout_s=self._compile_timeout_s,
+            slots=self._compile_slots,
         )
         try:
             await asyncio.to_thread(self._modules.prepare)

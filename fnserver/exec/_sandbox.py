@@ -38,10 +38,11 @@ import signal
 import socket
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
+
+from .._isolation import SANDBOX_UID_BASE, SANDBOX_UID_COUNT, claim_uids, memcg_dir
 
 __all__ = [
     "SANDBOX_UID_BASE",
@@ -52,8 +53,6 @@ __all__ = [
     "setup_worker",
 ]
 
-SANDBOX_UID_BASE: Final = 60000
-SANDBOX_UID_COUNT: Final = 2000
 _PR_SET_PDEATHSIG: Final = 1
 _PR_SET_KEEPCAPS: Final = 8
 _PR_SET_CHILD_SUBREAPER: Final = 36
@@ -137,40 +136,6 @@ def worker_nproc() -> int:
     return 64 + 4 * (os.cpu_count() or 1)
 
 
-def claim_uids(count: int) -> tuple[list[int], list[int]]:
-    """Claim ``count`` sandbox uids for one pool; return them and the lock fds to keep open.
-
-    A worker kills every process of its uid (``kill(-1)``), so two pools on one host (two
-    servers, or tests) must never share a uid: each uid is held by an flock on a lock file in
-    a root-only directory for the life of the pool. Empty lists when not root.
-    """
-    if os.geteuid() != 0:
-        return [], []
-    lock_dir = os.path.join(tempfile.gettempdir(), "fnserver-exec-uids")
-    os.makedirs(lock_dir, mode=0o700, exist_ok=True)
-    st = os.lstat(lock_dir)
-    if st.st_uid != 0 or st.st_mode & 0o077:
-        raise PermissionError(f"{lock_dir} must be a root-owned 0700 directory")
-    uids: list[int] = []
-    fds: list[int] = []
-    for uid in range(SANDBOX_UID_BASE, SANDBOX_UID_BASE + SANDBOX_UID_COUNT):
-        if len(uids) == count:
-            break
-        fd = os.open(os.path.join(lock_dir, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        uids.append(uid)
-        fds.append(fd)
-    if len(uids) < count:
-        for fd in fds:
-            os.close(fd)
-        raise OSError(f"no free sandbox uid in {SANDBOX_UID_BASE}+{SANDBOX_UID_COUNT}")
-    return uids, fds
-
-
 def _loopback_up() -> None:
     """Bring up ``lo`` in this (new) network namespace: a program may talk to itself over
     127.0.0.1 and nothing else (needs CAP_NET_ADMIN, held before the uid drop)."""
@@ -222,22 +187,6 @@ def _private_mounts(uid: int, scratch: str, hidden: tuple[str, ...]) -> None:
                    "size=4k,mode=0555")
     os.makedirs(scratch, mode=0o700, exist_ok=True)
     os.chown(scratch, uid, uid)
-
-
-MEMCG_ROOT: Final = "/sys/fs/cgroup/memory"
-def memcg_dir(uid: int) -> str | None:
-    """Where the memory cgroup of the worker with ``uid`` lives, under this process's own
-    memory cgroup (v1); None when the host has none. Its ``call`` child is the call's."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                _, controllers, path = line.rstrip("\n").split(":", 2)
-                if "memory" in controllers.split(","):
-                    base = MEMCG_ROOT + ("" if path == "/" else path)
-                    return f"{base}/fnserver-{uid}" if os.path.isdir(base) else None
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 @dataclass(frozen=True)

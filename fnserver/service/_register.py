@@ -22,6 +22,7 @@ from ..builder import KINDS, Builder
 from ..config import ServerConfig
 from ..exec import ExecPool
 from ..protocol import (
+    ArtifactKind,
     ChecksumMismatchError,
     FnError,
     FunctionLimits,
@@ -172,10 +173,21 @@ class RegisterService:
     ) -> VersionInfo:
         """Receive the upload from ``sink``, build it, precompile, commit; return the version.
 
-        A failure at any step leaves nothing behind: the staging directory goes in every case.
+        The wasm compile starts the moment the build has placed the wasm module (for Go, while
+        the native build still runs); on any failure it is cancelled and awaited, and its own
+        error counts only if the build succeeded. A failure at any step leaves nothing
+        behind: the staging directory goes in every case.
         """
         c = self.config
         staging = await self.registry.new_staging()
+        compiling: asyncio.Task[None] | None = None
+
+        def on_artifact(kind: ArtifactKind, path: Path) -> None:
+            nonlocal compiling
+            if kind == "wasm" and compiling is None:
+                progress(ProgressEvent("compile", "precompiling the WebAssembly module"))
+                compiling = asyncio.ensure_future(self._precompile(path))
+
         try:
             upload = staging / UPLOAD_FILE
             await sink.write_to(upload, req.sha256, progress)
@@ -185,13 +197,11 @@ class RegisterService:
                 staging / "out",
                 kind=req.options.kind,
                 progress=lambda msg: progress(ProgressEvent("build", msg)),
+                on_artifact=on_artifact,
             )
             await asyncio.to_thread(upload.unlink)
-            wasm = built.files.get("wasm")
-            if wasm is not None:
-                progress(ProgressEvent("compile", "precompiling the WebAssembly module"))
-                digest = await asyncio.to_thread(sha256_file, wasm)
-                await self.pool.precompile(wasm, digest)
+            if compiling is not None:
+                await compiling
             o = req.options
             meta = NewVersion(
                 filename=os.path.basename(req.filename),
@@ -213,4 +223,14 @@ class RegisterService:
             sink.abort(UnavailableError("server is shutting down"))
             raise
         finally:
+            if compiling is not None:
+                if not compiling.done():
+                    compiling.cancel()
+                    await asyncio.wait([compiling])
+                if not compiling.cancelled():
+                    compiling.exception()  # seen: a failed build's error is the one reported
             await self.registry.discard(staging)
+
+    async def _precompile(self, wasm: Path) -> None:
+        digest = await asyncio.to_thread(sha256_file, wasm)
+        await self.pool.precompile(wasm, digest)

@@ -115,6 +115,7 @@ class ExecPool:
         # Native calls run only in a complete sandbox unless the operator said otherwise
         # (``--unsandboxed-native``): a host that refuses a piece gets a clear refusal.
         self.unsandboxed_native = unsandboxed_native
+        self._gaps: list[str] = []  # what the ready workers' sandboxes lack (worker_ready)
         # A delegate takes the native calls and the compiles: this pool then runs wasm only,
         # with no worker, no compiler and no write to the module cache.
         self._delegate = delegate
@@ -244,6 +245,8 @@ class ExecPool:
         """A worker reported ready: it takes calls."""
         if self._closed:
             return
+        self._gaps = sorted({g for w in self._workers if w is not None and w.info is not None
+                             for g in w.info.gaps()})
         self._carry_out(self._sched.add_worker(worker))
 
     def call_finished(self, worker: WorkerHandle, call: Call) -> None:
@@ -498,8 +501,7 @@ class ExecPool:
     def _check_sandbox(self) -> None:
         if self.unsandboxed_native:
             return
-        gaps = sorted({g for w in self._workers if w is not None and w.info is not None
-                       for g in w.info.gaps()})
+        gaps = self._gaps
         if gaps:
             raise UnavailableError(
                 "native functions are refused on this server: their sandbox is incomplete ("

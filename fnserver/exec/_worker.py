@@ -332,7 +332,9 @@ class Worker:
         limit would count every process of the server's uid, and root ignores it anyway)."""
         if self.info.uid is None:
             return None
-        return len(os.listdir("/proc/self/task")) + NATIVE_NPROC
+        # The worker's own threads (its Python threads: it starts no other), without the
+        # listing of /proc/self/task that cost ~30 us a call.
+        return threading.active_count() + NATIVE_NPROC
 
     def _limit_child(
         self, pid: int, req: RunRequest, cpu_s: int, cap: int, nproc: int | None

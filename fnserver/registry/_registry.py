@@ -33,7 +33,6 @@ from fnserver.protocol import (
     FnError,
     FunctionSummary,
     GetReply,
-    InternalError,
     InvalidArgumentError,
     ListReply,
     NotFoundError,
@@ -368,13 +367,14 @@ class Registry:
 
     @contextlib.asynccontextmanager
     async def _storage(self, what: str) -> AsyncIterator[None]:
-        """Storage failures the stores did not word themselves, as InternalError with no path."""
+        """Storage failures the stores did not word themselves: RESOURCE_EXHAUSTED for a full
+        disk or exhausted descriptors, else INTERNAL; never with a path."""
         try:
             yield
         except FnError:
             raise
         except OSError as exc:
-            raise InternalError(f"could not {what}: {_fs.reason(exc)}") from exc
+            raise _fs.storage_error(what, exc) from exc
 
     # -- reads (event-loop thread, lock-free, no I/O) -----------------------------------------
 

@@ -101,6 +101,9 @@ class TcpFront:
         self._per_peer: Counter[str] = Counter()
         #: Bytes all connections' decoders hold (unfinished frames, and frames not yet taken).
         self.buffered = 0
+        #: Frame lengths reserved against max_buffered by connections reading a big frame.
+        self._reserved: dict[Connection, int] = {}
+        self._reserved_total = 0
         self._budget_waiters: dict[Connection, None] = {}  # ordered: first paused, first resumed
         #: Connections whose last write left bytes in their transport: the only ones whose
         #: unread replies can be non-zero.
@@ -163,25 +166,43 @@ class TcpFront:
                 del self._per_peer[conn.peer_host]
         self._backlogged.discard(conn)
         self._budget_waiters.pop(conn, None)
+        self.release(conn)
         self.buffered_changed(-conn.release_buffer())
 
     def buffered_changed(self, delta: int) -> None:
         """A connection's decoder grew or shrank by ``delta`` bytes."""
         self.buffered += delta
-        if delta < 0 and self._budget_waiters and self.buffered <= self.config.max_buffered:
-            # Resume them all: each pauses itself again on its next read if still over.
+
+    def reserve(self, conn: Connection, length: int) -> bool:
+        """Let ``conn`` read a frame of ``length`` bytes to its end, or pause it until the
+        shared budget (``max_buffered``) has room (§1.1).
+
+        The whole frame is reserved up front, so a connection that may read never has to
+        stop before its frame is complete: the budget cannot end up split among half-read
+        frames that all wait for each other. One frame is always let in when none is
+        reserved, even one bigger than the budget.
+        """
+        if conn in self._reserved:
+            return True
+        if self._reserved_total and self._reserved_total + length > self.config.max_buffered:
+            self._budget_waiters[conn] = None
+            conn.hold_reading("buffer", True)
+            return False
+        self._reserved[conn] = length
+        self._reserved_total += length
+        return True
+
+    def release(self, conn: Connection) -> None:
+        """``conn``'s reserved frame is complete (or the connection gone): wake the waiters,
+        each of which tries to reserve again."""
+        length = self._reserved.pop(conn, None)
+        if length is None:
+            return
+        self._reserved_total -= length
+        if self._budget_waiters:
             waiters, self._budget_waiters = list(self._budget_waiters), {}
-            for conn in waiters:
-                conn.hold_reading("buffer", False)
-
-    def wait_for_budget(self, conn: Connection) -> None:
-        """``conn`` holds a big unfinished frame while the shared budget is spent: pause it."""
-        self._budget_waiters[conn] = None
-        conn.hold_reading("buffer", True)
-
-    def over_budget(self) -> bool:
-        """Whether the unfinished frames of all connections passed ``max_buffered``."""
-        return self.buffered > self.config.max_buffered
+            for waiter in waiters:
+                waiter.hold_reading("buffer", False)
 
     def backlogged(self, conn: Connection) -> None:
         """``conn`` has bytes waiting in its transport."""
@@ -456,8 +477,11 @@ class Connection(asyncio.Protocol):
             self._frame_since = time.monotonic()
         if delta:
             self.front.buffered_changed(delta)
-        if buffered > PARTIAL_ALLOWANCE and self.front.over_budget():
-            self.front.wait_for_budget(self)
+        length = self.decoder.frame_length
+        if new_frame or length is None:
+            self.front.release(self)  # the reserved frame, if any, is complete
+        if buffered > PARTIAL_ALLOWANCE and length is not None:
+            self.front.reserve(self, length)
 
     def hold_reading(self, reason: str, on: bool) -> None:
         """Pause reading (and dispatching what is buffered) while any reason holds: upload

@@ -461,7 +461,7 @@ async def test_exhausted_descriptors_give_resource_exhausted_and_the_server_reco
 ) -> None:
     data = tmp_path / "data"
     proc = await asyncio.create_subprocess_exec(
-        "prlimit", "--nofile=80:80", sys.executable, "-m", "fnserver", "--port", "0",
+        "prlimit", "--nofile=64:64", sys.executable, "-m", "fnserver", "--port", "0",
         "--data-dir", str(data), "--processes", "1", "--workers", "1", "--no-warm",
         stderr=asyncio.subprocess.PIPE,
     )
@@ -476,29 +476,26 @@ async def test_exhausted_descriptors_give_resource_exhausted_and_the_server_reco
     try:
         wasm = wf.echo()
         digest = hashlib.sha256(wasm).hexdigest()
-        raws: list[Raw] = []
-        codes: list[str] = []
-        for _ in range(6):
+        probe = await Raw.open(address)
+        held: list[Raw] = []
+        for _ in range(200):  # hold connections until the server has no descriptor left
             try:
-                raw = await Raw.open(address)
+                held.append(await Raw.open(address))
             except (ConnectionError, OSError):
-                continue  # the server had no descriptor for the connection itself
-            raws.append(raw)
-            for i in range(1, 17):
-                raw.send(encode_request("register", i, name=f"f{i}", filename="f.wasm", size=len(wasm), sha256=digest))
-            raw.send(encode_request("ping", 99))
-            while True:  # the ping is answered after every register that failed at once
-                try:
-                    frame = await raw.frame()
-                except ConnectionError:
-                    break
-                if frame["id"] == 99:
-                    break
-                codes.append(frame["error"]["code"])
-        assert "RESOURCE_EXHAUSTED" in codes
-        assert "INTERNAL" not in codes
-        for raw in raws:
+                break  # accepted and closed at once: the server is out of descriptors
+        else:
+            raise AssertionError("the server never ran out of descriptors")
+        # A register now cannot open its staging file: a stable code, not INTERNAL.
+        probe.send(encode_request("register", 1, name="f", filename="f.wasm", size=len(wasm), sha256=digest))
+        probe.send(encode_request("upload", 1, data=wasm))
+        reply = await probe.frame()
+        assert reply["type"] == "error" and reply["error"]["code"] == "RESOURCE_EXHAUSTED", reply
+        assert "Too many open files" in reply["error"]["message"]
+        assert str(data) not in reply["error"]["message"]
+        for raw in held:
             raw.close()
+        probe.send(encode_request("ping", 2))  # read after the closes above (same loop, later)
+        assert (await probe.frame())["id"] == 2
         async with AsyncClient(address) as c:  # recovered by itself, no restart
             await c.register("echo", wasm, filename="echo.wasm")
             assert (await c.invoke("echo", b"back")).output == b"back"

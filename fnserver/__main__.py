@@ -65,6 +65,17 @@ def parse_command(argv: list[str] | None = None) -> Command:
     p.add_argument("--cache-dir", type=Path, default=None, help="build caches (default <data-dir>/.cache)")
     p.add_argument("--unsandboxed-native", action="store_true", help="run native functions even where their sandbox is incomplete (not root, no namespaces or seccomp); refused by default")
     p.add_argument("--no-warm", action="store_true", help="do not warm the C toolchain cache at start")
+    # Connection limits, per serving process (OPERATIONS.md "Connection limits").
+    p.add_argument("--max-connections", type=int, default=d.max_connections, help=f"connections open at once per serving process (default {d.max_connections})")
+    p.add_argument("--max-connections-per-peer", type=int, default=d.max_connections_per_peer, help=f"connections from one address per serving process (default {d.max_connections_per_peer})")
+    p.add_argument("--hello-timeout", type=float, default=d.hello_timeout_s, help=f"seconds a new connection has to send HELLO (default {d.hello_timeout_s:g})")
+    p.add_argument("--frame-timeout", type=float, default=d.frame_timeout_s, help=f"seconds one frame may take to arrive (default {d.frame_timeout_s:g})")
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, help=f"seconds a connection with nothing in flight may stay silent (default {d.idle_timeout_s:g})")
+    p.add_argument("--write-timeout", type=float, default=d.write_timeout_s, help=f"seconds a connection may leave replies unread before it is dropped (default {d.write_timeout_s:g})")
+    p.add_argument("--max-buffered-mb", type=int, default=d.max_buffered // (1024 * 1024), help=f"MiB of unfinished frames all connections may buffer (default {d.max_buffered // (1024 * 1024)})")
+    p.add_argument("--max-reply-mb", type=int, default=d.max_reply_buffer // (1024 * 1024), help=f"MiB of unread replies one connection may hold (default {d.max_reply_buffer // (1024 * 1024)})")
+    p.add_argument("--max-reply-total-mb", type=int, default=d.max_reply_total // (1024 * 1024), help=f"MiB of unread replies all connections may hold (default {d.max_reply_total // (1024 * 1024)})")
+    p.add_argument("--max-registers-per-connection", type=int, default=d.max_registers_per_connection, help=f"registers one connection may have in progress (default {d.max_registers_per_connection})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"fnserver {__version__}")
     # Set by the supervisor for the serving processes it starts (fnserver/supervisor.py).
@@ -78,6 +89,12 @@ def parse_command(argv: list[str] | None = None) -> Command:
         value = getattr(a, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("max_connections", "max_connections_per_peer", "max_buffered_mb", "max_reply_mb", "max_reply_total_mb", "max_registers_per_connection"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("hello_timeout", "frame_timeout", "idle_timeout", "write_timeout"):
+        if not getattr(a, flag) > 0:
+            p.error(f"--{flag.replace('_', '-')} must be more than 0")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     processes = a.processes or os.cpu_count() or 1
     config = ServerConfig(
@@ -105,6 +122,16 @@ def parse_command(argv: list[str] | None = None) -> Command:
         build_cache_dir=a.cache_dir,
         role=a.role or "all",
         control_address=a.control,
+        max_connections=a.max_connections,
+        max_connections_per_peer=a.max_connections_per_peer,
+        hello_timeout_s=a.hello_timeout,
+        frame_timeout_s=a.frame_timeout,
+        idle_timeout_s=a.idle_timeout,
+        write_timeout_s=a.write_timeout,
+        max_buffered=a.max_buffered_mb * 1024 * 1024,
+        max_reply_buffer=a.max_reply_mb * 1024 * 1024,
+        max_reply_total=a.max_reply_total_mb * 1024 * 1024,
+        max_registers_per_connection=a.max_registers_per_connection,
     )
     return Command(config, processes, a.ready_fd, a.secret_fd)
 

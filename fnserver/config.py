@@ -70,6 +70,34 @@ class ServerConfig:
     #: ``<cache-dir>/modules``.
     compile_cache_dir: Path | None = None
 
+    # Connection limits, per serving process (PROTOCOL.md §1.1, OPERATIONS.md "Connection
+    # limits"): what one client may make the server hold.
+    #: Connections open at once, and from one peer address; past either, a new connection gets
+    #: one UNAVAILABLE error frame and is closed. Keep the sum well under the open-files limit.
+    max_connections: int = 1024
+    max_connections_per_peer: int = 256
+    #: Seconds a connection has to complete HELLO, and the largest frame before it (bytes).
+    hello_timeout_s: float = 10.0
+    hello_max_frame: int = 64 * 1024
+    #: Seconds one frame may take to arrive once its first byte has (a trickling client is
+    #: dropped), and seconds a connection with nothing in flight may stay silent.
+    frame_timeout_s: float = 30.0
+    idle_timeout_s: float = 300.0
+    #: Bytes of unfinished frames all connections together may buffer; past it, connections
+    #: holding more than 64 KiB of an unfinished frame are not read until it falls.
+    max_buffered: int = 128 * MiB
+    #: Unread reply bytes per connection past which the server stops reading (and so starts
+    #: nothing new for) it; the most one connection and all of them may hold (a reply that
+    #: would pass either is replaced by RESOURCE_EXHAUSTED); seconds a connection with unread
+    #: replies may go without reading any before it is dropped.
+    reply_high_water: int = 16 * MiB
+    max_reply_buffer: int = 64 * MiB
+    max_reply_total: int = 512 * MiB
+    write_timeout_s: float = 30.0
+    #: Registers one connection may have in progress at once (each holds a staging directory
+    #: and, while it uploads, a file descriptor).
+    max_registers_per_connection: int = 16
+
     @property
     def modules_dir(self) -> Path:
         """Where precompiled modules are cached, keyed by artifact digest and engine settings."""

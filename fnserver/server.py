@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from collections.abc import Awaitable
 from dataclasses import replace
@@ -38,6 +39,16 @@ class FnServer:
             build_cache_dir=config.build_cache_dir and config.build_cache_dir.absolute(),
             compile_cache_dir=config.compile_cache_dir and config.compile_cache_dir.absolute(),
         )
+        if config.role == "control":
+            # Its socket is loopback, reachable with the supervisor's secret only, and its
+            # clients are the serving processes (all from 127.0.0.1, one shared connection
+            # each that may stay quiet, plus one per relayed register): the limits that guard
+            # a public port against hostile clients would only refuse them.
+            config = replace(
+                config,
+                max_connections_per_peer=config.max_connections,
+                idle_timeout_s=math.inf,
+            )
         self.config = config
         serving = config.role == "serving"
         self.registry = Registry.local(

@@ -6,6 +6,7 @@ the headers' sizes are chosen by the uploader.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import zipfile
@@ -14,13 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, NoReturn
 
-from fnserver.protocol import InvalidArgumentError, TooLargeError
+from fnserver.protocol import FnError, InvalidArgumentError, ResourceExhaustedError, TooLargeError
 
 __all__ = ["ArchiveLimits", "extract_zip"]
 
 # Version-control metadata is never part of a build, and macOS Finder adds __MACOSX/.
 _DROPPED_DIRS: Final = frozenset({".git", ".hg", ".svn", "__MACOSX"})
 _CHUNK: Final = 64 * 1024
+#: Linux's NAME_MAX and a path length every file system here takes: checked before extraction
+#: so that a long name is the uploader's INVALID_ARGUMENT, not the server's ENAMETOOLONG.
+_MAX_COMPONENT_BYTES: Final = 255
+_MAX_PATH_BYTES: Final = 1024
+#: General purpose flag bit 0: the entry is encrypted (APPNOTE 4.4.4).
+_FLAG_ENCRYPTED: Final = 0x1
+#: Entry names are shown in messages up to this many characters.
+_SHOWN_CHARS: Final = 120
+#: What the host can run out of while extracting: the uploader's archive is not at fault.
+_RESOURCE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,12 @@ def _check_entries(infos: list[zipfile.ZipInfo], lim: ArchiveLimits) -> list[zip
             _refuse(shown, "has an empty or '.' path component")
         if any(ord(c) < 0x20 for c in raw):
             _refuse(shown, "has a control character in its name")
+        if any(len(p.encode("utf-8", "surrogateescape")) > _MAX_COMPONENT_BYTES for p in parts):
+            _refuse(shown, f"has a name component over {_MAX_COMPONENT_BYTES} bytes")
+        if len(raw.encode("utf-8", "surrogateescape")) > _MAX_PATH_BYTES:
+            _refuse(shown, f"has a path over {_MAX_PATH_BYTES} bytes")
+        if info.flag_bits & _FLAG_ENCRYPTED:
+            _refuse(shown, "is encrypted (the server has no password to read it)")
         mode = info.external_attr >> 16
         if mode:
             if stat.S_ISLNK(mode):
@@ -128,36 +145,64 @@ def _extract(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path,
              lim: ArchiveLimits) -> None:
     total = 0
     for info in infos:
-        target = dest.joinpath(*info.orig_filename.split("/"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        size = 0
-        compressed = max(info.compress_size, 1)
-        # O_EXCL|O_NOFOLLOW: the checks above rule out links and duplicates; this makes sure.
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "wb") as out, zf.open(info) as src:
-            while chunk := src.read(_CHUNK):
-                size += len(chunk)
-                total += len(chunk)
-                if size > lim.max_file_bytes:
-                    raise TooLargeError(
-                        f"archive entry {info.orig_filename!r} expands past "
-                        f"{lim.max_file_bytes // (1024 * 1024)} MiB",
-                        {"entry": info.orig_filename, "limit": lim.max_file_bytes},
-                    )
-                if total > lim.max_total_bytes:
-                    raise TooLargeError(
-                        f"archive expands past {lim.max_total_bytes // (1024 * 1024)} MiB "
-                        f"(at entry {info.orig_filename!r})",
-                        {"entry": info.orig_filename, "limit": lim.max_total_bytes},
-                    )
-                if size > lim.ratio_floor_bytes and size > compressed * lim.max_ratio:
-                    raise TooLargeError(
-                        f"archive entry {info.orig_filename!r} has a compression ratio over "
-                        f"{lim.max_ratio}:1 (a zip bomb?)",
-                        {"entry": info.orig_filename, "limit": lim.max_ratio},
-                    )
-                out.write(chunk)
+        try:
+            total = _extract_one(zf, info, dest, lim, total)
+        except OSError as exc:
+            raise _os_error(info.orig_filename, exc) from exc
+        except RuntimeError as exc:  # zipfile's word for "encrypted" and a few other refusals
+            _refuse(info.orig_filename, f"cannot be read: {exc}")
+
+
+def _extract_one(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, lim: ArchiveLimits,
+                 total: int) -> int:
+    """Extract one checked entry; return the running total of bytes written."""
+    target = dest.joinpath(*info.orig_filename.split("/"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    size = 0
+    compressed = max(info.compress_size, 1)
+    # O_EXCL|O_NOFOLLOW: the checks above rule out links and duplicates; this makes sure.
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+        while chunk := src.read(_CHUNK):
+            size += len(chunk)
+            total += len(chunk)
+            if size > lim.max_file_bytes:
+                raise TooLargeError(
+                    f"archive entry {info.orig_filename!r} expands past "
+                    f"{lim.max_file_bytes // (1024 * 1024)} MiB",
+                    {"entry": info.orig_filename, "limit": lim.max_file_bytes},
+                )
+            if total > lim.max_total_bytes:
+                raise TooLargeError(
+                    f"archive expands past {lim.max_total_bytes // (1024 * 1024)} MiB "
+                    f"(at entry {info.orig_filename!r})",
+                    {"entry": info.orig_filename, "limit": lim.max_total_bytes},
+                )
+            if size > lim.ratio_floor_bytes and size > compressed * lim.max_ratio:
+                raise TooLargeError(
+                    f"archive entry {info.orig_filename!r} has a compression ratio over "
+                    f"{lim.max_ratio}:1 (a zip bomb?)",
+                    {"entry": info.orig_filename, "limit": lim.max_ratio},
+                )
+            out.write(chunk)
+    return total
+
+
+def _os_error(name: str, exc: OSError) -> FnError:
+    """An extraction failure, named by the entry and never by the server path."""
+    shown = _shown(name)
+    why = exc.strerror or type(exc).__name__
+    if exc.errno in _RESOURCE_ERRNOS:
+        return ResourceExhaustedError(
+            f"could not extract archive entry {shown!r}: {why}", {"entry": shown}
+        )
+    return InvalidArgumentError(f"archive entry {shown!r} cannot be extracted: {why}", {"entry": shown})
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= _SHOWN_CHARS else name[:_SHOWN_CHARS] + "..."
 
 
 def _refuse(name: str, why: str) -> NoReturn:
-    raise InvalidArgumentError(f"archive entry {name!r} {why}", {"entry": name})
+    shown = _shown(name)
+    raise InvalidArgumentError(f"archive entry {shown!r} {why}", {"entry": shown})

@@ -5,6 +5,7 @@ Everything here blocks; callers run it in a worker thread (``asyncio.to_thread``
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Final
 
-from fnserver.protocol import InternalError
+from fnserver.protocol import FnError, InternalError, ResourceExhaustedError
 
 log = logging.getLogger("fnserver.registry")
 
@@ -129,6 +130,23 @@ def copy_verified(source: Path, target: Path, digest: str) -> None:
     except BaseException:
         target.unlink(missing_ok=True)
         raise
+
+
+#: What the host ran out of: the caller did nothing wrong and nothing was changed, so these get
+#: their own wire code (RESOURCE_EXHAUSTED), never INTERNAL.
+RESOURCE_ERRNOS: Final = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+)
+
+
+def storage_error(what: str, exc: OSError) -> FnError:
+    """The error a caller gets when storage failed while trying to ``what`` (no path in it):
+    RESOURCE_EXHAUSTED for a full disk or exhausted descriptors, INTERNAL otherwise."""
+    if exc.errno in RESOURCE_ERRNOS:
+        return ResourceExhaustedError(
+            f"could not {what}: {reason(exc)}", {"errno": errno.errorcode.get(exc.errno or 0, "")}
+        )
+    return InternalError(f"could not {what}: {reason(exc)}")
 
 
 def reason(exc: BaseException) -> str:

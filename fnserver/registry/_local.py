@@ -353,7 +353,7 @@ class LocalStore:
                 if version is not None
                 else f"a version of {name!r}"
             )
-            raise InternalError(f"could not store {what}: {_fs.reason(exc)}") from exc
+            raise _fs.storage_error(f"store {what}", exc) from exc
         finally:
             _discard(assembly)
 
@@ -397,9 +397,7 @@ class LocalStore:
                 self._append_change(name)
                 return previous
         except OSError as exc:
-            raise InternalError(
-                f"could not record alias {alias!r} of {name!r}: {_fs.reason(exc)}"
-            ) from exc
+            raise _fs.storage_error(f"record alias {alias!r} of {name!r}", exc) from exc
 
     async def delete(self, name: str, version: int | None = None) -> Deleted:
         """Move the version directories out (atomic), record, then remove them."""
@@ -449,9 +447,7 @@ class LocalStore:
             )
             self._scan(name)
             if failure is not None:
-                raise InternalError(
-                    f"could not delete {name!r}: {_fs.reason(failure)}"
-                ) from failure
+                raise _fs.storage_error(f"delete {name!r}", failure) from failure
             return Deleted(versions=tuple(gone), aliases_removed=removed, digests=digests)
 
     # -- metadata: change feed ----------------------------------------------------------------
@@ -578,7 +574,7 @@ class LocalStore:
         try:
             _fs.copy_verified(source, pending, digest)
         except OSError as exc:
-            raise InternalError(f"could not store an artifact: {_fs.reason(exc)}") from exc
+            raise _fs.storage_error("store an artifact", exc) from exc
         with self._mutex:
             self._pending.setdefault(digest, []).append(pending)
 

@@ -33,7 +33,6 @@ from fnserver.protocol import (
     FnError,
     FunctionSummary,
     GetReply,
-    InternalError,
     InvalidArgumentError,
     ListReply,
     NotFoundError,
@@ -121,6 +120,8 @@ class Registry:
         # Numbers of refreshes begun and of the last one that completed (see refresh()).
         self._refreshes_started = 0
         self._refresh_done = 0
+        # Staging directories whose removal failed, retried by the next staging call.
+        self._leftovers: set[Path] = set()
 
     @classmethod
     def local(cls, data_dir: Path, *, read_only: bool = False, **defaults: int) -> Registry:
@@ -260,15 +261,29 @@ class Registry:
 
     async def new_staging(self) -> Path:
         """A fresh, unique, empty directory (0755) to upload and build into."""
+        if self._leftovers:
+            await self._discard_all(set())
         async with self._storage("create a staging directory"):
             return await self.artifacts.new_staging()
 
     async def discard(self, path: Path) -> None:
-        """Remove a staging directory; never raises."""
+        """Remove a staging directory; never raises. One that cannot be removed now (no
+        descriptor left for rmtree, say) is tried again with the next staging call, so the
+        server cleans up after itself once the pressure is gone, without a restart."""
+        await self._discard_all({Path(path)})
+
+    async def _discard_all(self, paths: set[Path]) -> None:
+        todo = paths | self._leftovers
+        self._leftovers -= todo
         try:
-            await self.artifacts.discard(Path(path))
+            for path in todo:
+                await self.artifacts.discard(path)
+            # The stores log and swallow what they could not remove: look for it.
+            left = await asyncio.to_thread(lambda: {p for p in todo if p.exists()})
         except Exception as exc:  # a cleanup must not hide the error that led to it
             log.warning("could not discard a staging directory: %s", exc)
+            left = todo
+        self._leftovers |= left
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -369,13 +384,14 @@ class Registry:
 
     @contextlib.asynccontextmanager
     async def _storage(self, what: str) -> AsyncIterator[None]:
-        """Storage failures the stores did not word themselves, as InternalError with no path."""
+        """Storage failures the stores did not word themselves: RESOURCE_EXHAUSTED for a full
+        disk or exhausted descriptors, else INTERNAL; never with a path."""
         try:
             yield
         except FnError:
             raise
         except OSError as exc:
-            raise InternalError(f"could not {what}: {_fs.reason(exc)}") from exc
+            raise _fs.storage_error(what, exc) from exc
 
     # -- reads (event-loop thread, lock-free, no I/O) -----------------------------------------
 

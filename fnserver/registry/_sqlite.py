@@ -121,7 +121,7 @@ class SqliteMetadataStore:
                 except sqlite3.Error as exc:
                     raise InternalError(f"could not {what}: {exc}") from exc
                 except OSError as exc:
-                    raise InternalError(f"could not {what}: {_fs.reason(exc)}") from exc
+                    raise _fs.storage_error(what, exc) from exc
 
         return await asyncio.to_thread(call)
 
@@ -415,7 +415,7 @@ class DigestArtifactStore:
             os.replace(tmp, target)
             _fs.fsync_dir(target.parent)
         except OSError as exc:
-            raise InternalError(f"could not store an artifact: {_fs.reason(exc)}") from exc
+            raise _fs.storage_error("store an artifact", exc) from exc
 
     async def release(self, digest: str) -> None:
         """Nothing pending to drop: ``put`` stored the bytes under their digest directly."""

@@ -7,7 +7,15 @@ from typing import Final
 
 from ..config import ServerConfig
 from ..exec import ExecPool, InvokeJob, Limits
-from ..protocol import InvalidArgumentError, InvokeRequest, InvokeResult
+from ..protocol import (
+    ArtifactKind,
+    InternalError,
+    InvalidArgumentError,
+    InvokeRequest,
+    InvokeResult,
+    NotFoundError,
+    VersionInfo,
+)
 from ..registry import Registry
 from ._context import RequestContext
 from ._functions import fresh
@@ -40,8 +48,34 @@ class InvokeService:
                 f"function '{info.name}' version {info.version} has no {mode} artifact"
                 f" (it has: {', '.join(info.artifacts)})"
             )
+        limit = info.limits.timeout_ms
+        if req.timeout_ms is not None and req.timeout_ms > limit:
+            # Limits belong to the function (PROTOCOL.md §5.8): a caller may lower one, never
+            # raise it. Said, not clamped, so the caller learns what it will really get.
+            raise InvalidArgumentError(
+                f"'timeout_ms' {req.timeout_ms} is over the {limit} ms time limit of function"
+                f" '{info.name}' version {info.version}; a call may lower it, not raise it",
+                {"timeout_ms": limit, "name": info.name, "version": info.version},
+            )
+        job = self._job(info, mode, req)
+        try:
+            result = await self.pool.invoke(job)
+        except (InternalError, InvalidArgumentError, OSError) as exc:
+            # The version may have been deleted (here or by another serving process) between
+            # the resolve and the exec layer opening its artifact: its files are gone. That is
+            # NOT_FOUND, as if the delete had come first; a file that moved is run from there.
+            retry = await self._after_failure(info, mode, job, exc)
+            result = await self.pool.invoke(retry)
+        # Output and stderr are each capped at output_bytes; stderr gives way so that the reply
+        # always fits in one frame.
+        room = max(0, c.max_frame - len(result.output) - REPLY_ENVELOPE)
+        if len(result.stderr) > room:
+            result = replace(result, stderr=result.stderr[:room])
+        return result
+
+    def _job(self, info: VersionInfo, mode: ArtifactKind, req: InvokeRequest) -> InvokeJob:
         limits = info.limits
-        job = InvokeJob(
+        return InvokeJob(
             function=info.name,
             version=info.version,
             mode=mode,
@@ -53,13 +87,25 @@ class InvokeService:
                 timeout_ms=req.timeout_ms or limits.timeout_ms,
                 memory_mb=limits.memory_mb,
                 fuel=limits.fuel if mode == "wasm" else None,
-                output_bytes=c.output_bytes,
+                output_bytes=self.config.output_bytes,
             ),
         )
-        result = await self.pool.invoke(job)
-        # Output and stderr are each capped at output_bytes; stderr gives way so that the reply
-        # always fits in one frame.
-        room = max(0, c.max_frame - len(result.output) - REPLY_ENVELOPE)
-        if len(result.stderr) > room:
-            result = replace(result, stderr=result.stderr[:room])
-        return result
+
+    async def _after_failure(
+        self, info: VersionInfo, mode: ArtifactKind, job: InvokeJob, exc: BaseException
+    ) -> InvokeJob:
+        """The job to run again after ``exc``, or raise: NOT_FOUND when the version is gone,
+        ``exc`` itself when nothing moved (a real failure)."""
+        await self.registry.refresh()
+        try:
+            current = self.registry.resolve(info.name, info.version)
+            path = self.registry.artifact_path(current, mode)
+        except NotFoundError:
+            raise NotFoundError(
+                f"version {info.version} of '{info.name}' was deleted while the call started",
+                {"name": info.name, "version": info.version},
+            ) from exc
+        if path == job.artifact:
+            raise exc
+        # Another version held the same bytes and was deleted: the file is elsewhere now.
+        return replace(job, artifact=path)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import itertools
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Protocol, cast
 
@@ -32,6 +34,7 @@ from ..protocol import (
     ProgressEvent,
     ProtocolError,
     RegisterRequest,
+    ResourceExhaustedError,
     TooLargeError,
     UnauthenticatedError,
     UnavailableError,
@@ -42,6 +45,7 @@ from ..protocol import (
     parse_request,
 )
 from ..service import Caller, RequestContext, Services, UploadSink
+from ._lag import LagMonitor
 
 __all__ = ["DISPATCHED_OPS", "TcpFront"]
 
@@ -76,9 +80,18 @@ if DISPATCHED_OPS != OPS:  # pragma: no cover - caught at import, never as a Key
 
 _conn_ids = itertools.count(1)
 
+#: A connection may always buffer this much of an unfinished frame, whatever the others hold:
+#: small requests never wait for the shared budget (ServerConfig.max_buffered).
+PARTIAL_ALLOWANCE: Final = 64 * 1024
+#: Replies up to this size always go out; bigger ones count against the reply caps (§1.1).
+SMALL_REPLY: Final = 64 * 1024
+#: What the host can run out of while serving a request the client did nothing wrong in.
+_RESOURCE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
 
 class TcpFront:
-    """The listening socket and its connections."""
+    """The listening socket and its connections, their limits and the deadlines that drop them
+    (PROTOCOL.md §1.1)."""
 
     def __init__(self, config: ServerConfig, services: Services) -> None:
         self.config = config
@@ -86,12 +99,28 @@ class TcpFront:
         self.stopping = False
         self._server: asyncio.Server | None = None
         self._connections: set[Connection] = set()
+        self._per_peer: Counter[str] = Counter()
+        #: Bytes all connections' decoders hold (unfinished frames, and frames not yet taken).
+        self.buffered = 0
+        #: Frame lengths reserved against max_buffered by connections reading a big frame.
+        self._reserved: dict[Connection, int] = {}
+        self._reserved_total = 0
+        self._budget_waiters: dict[Connection, None] = {}  # ordered: first paused, first resumed
+        #: Connections whose last write left bytes in their transport: the only ones whose
+        #: unread replies can be non-zero.
+        self._backlogged: set[Connection] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        self.lag = LagMonitor()
 
     @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
         assert self._server is not None and self._server.sockets
         return int(self._server.sockets[0].getsockname()[1])
+
+    def connections(self) -> list[Connection]:
+        """The connections open now (for stats and tests)."""
+        return list(self._connections)
 
     async def start(self) -> None:
         """Listen on the configured address."""
@@ -101,18 +130,128 @@ class TcpFront:
             # already, shared (SO_REUSEPORT) with the other serving processes.
             sock = socket.socket(fileno=self.config.listen_fd)
             self._server = await loop.create_server(lambda: Connection(self), sock=sock)
-            return
-        self._server = await loop.create_server(
-            lambda: Connection(self), self.config.host, self.config.port, reuse_address=True
-        )
+        else:
+            self._server = await loop.create_server(
+                lambda: Connection(self), self.config.host, self.config.port, reuse_address=True
+            )
+        self.lag.start()
+        self._watcher = loop.create_task(self._watch(), name="fnserver-connection-deadlines")
+        self._watcher.add_done_callback(_report_crash)
 
-    def attach(self, conn: Connection) -> None:
-        """A connection opened."""
+    # --- admission and accounting ---
+
+    def attach(self, conn: Connection) -> FnError | None:
+        """A connection opened: count it, or say why it is refused (§1.1)."""
+        c = self.config
+        if len(self._connections) >= c.max_connections:
+            return UnavailableError(
+                f"the server has {c.max_connections} connections open; retry later",
+                {"reason": "too_many_connections", "limit": c.max_connections},
+            )
+        if self._per_peer[conn.peer_host] >= c.max_connections_per_peer:
+            return UnavailableError(
+                f"{c.max_connections_per_peer} connections from your address are open; close"
+                " one or retry later",
+                {"reason": "too_many_connections_from_peer", "limit": c.max_connections_per_peer},
+            )
         self._connections.add(conn)
+        self._per_peer[conn.peer_host] += 1
+        return None
 
     def detach(self, conn: Connection) -> None:
-        """A connection closed."""
-        self._connections.discard(conn)
+        """A connection closed: forget it and give back what it held."""
+        if conn in self._connections:
+            self._connections.discard(conn)
+            self._per_peer[conn.peer_host] -= 1
+            if self._per_peer[conn.peer_host] <= 0:
+                del self._per_peer[conn.peer_host]
+        self._backlogged.discard(conn)
+        self._budget_waiters.pop(conn, None)
+        self.release(conn)
+        self.buffered_changed(-conn.release_buffer())
+
+    def buffered_changed(self, delta: int) -> None:
+        """A connection's decoder grew or shrank by ``delta`` bytes."""
+        self.buffered += delta
+
+    def reserve(self, conn: Connection, length: int) -> bool:
+        """Let ``conn`` read a frame of ``length`` bytes to its end, or pause it until the
+        shared budget (``max_buffered``) has room (§1.1).
+
+        The whole frame is reserved up front, so a connection that may read never has to
+        stop before its frame is complete: the budget cannot end up split among half-read
+        frames that all wait for each other. One frame is always let in when none is
+        reserved, even one bigger than the budget.
+        """
+        if conn in self._reserved:
+            return True
+        if self._reserved_total and self._reserved_total + length > self.config.max_buffered:
+            self._budget_waiters[conn] = None
+            conn.hold_reading("buffer", True)
+            return False
+        self._reserved[conn] = length
+        self._reserved_total += length
+        return True
+
+    def release(self, conn: Connection) -> None:
+        """``conn``'s reserved frame is complete (or the connection gone): wake the waiters,
+        each of which tries to reserve again."""
+        length = self._reserved.pop(conn, None)
+        if length is None:
+            return
+        self._reserved_total -= length
+        if self._budget_waiters:
+            waiters, self._budget_waiters = list(self._budget_waiters), {}
+            for waiter in waiters:
+                waiter.hold_reading("buffer", False)
+
+    def backlogged(self, conn: Connection) -> None:
+        """``conn`` has bytes waiting in its transport."""
+        self._backlogged.add(conn)
+
+    def unread_total(self) -> int:
+        """Reply bytes written but not yet taken by their clients, across connections."""
+        total = 0
+        for conn in list(self._backlogged):
+            unread = conn.unread()
+            if unread == 0:
+                self._backlogged.discard(conn)
+            total += unread
+        return total
+
+    def reply_refused(self, conn: Connection, size: int) -> FnError | None:
+        """Why a reply of ``size`` bytes may not be queued on ``conn`` now, or None (§1.1)."""
+        c = self.config
+        unread = conn.unread()
+        cap = max(c.max_reply_buffer, c.max_frame + 64)
+        if unread + size > cap:
+            return ResourceExhaustedError(
+                f"reply of {size} bytes not sent: this connection has {unread} reply bytes its"
+                f" client has not read, and may hold {cap}; read replies before sending more",
+                {"reason": "unread_replies", "unread": unread, "limit": cap},
+            )
+        total_cap = max(c.max_reply_total, c.max_frame + 64)
+        total = self.unread_total()
+        if total + size > total_cap:
+            return ResourceExhaustedError(
+                f"reply of {size} bytes not sent: clients of this server have {total} reply bytes"
+                " unread; retry later",
+                {"reason": "unread_replies_total", "unread": total, "limit": total_cap},
+            )
+        return None
+
+    # --- deadlines ---
+
+    async def _watch(self) -> None:
+        """Apply every connection's deadlines (§1.1): one sweep, not one timer per frame."""
+        c = self.config
+        shortest = min(c.hello_timeout_s, c.frame_timeout_s, c.idle_timeout_s, c.write_timeout_s)
+        interval = min(1.0, max(0.01, shortest / 4))
+        while True:
+            await asyncio.sleep(interval)  # a tick, not a synchronisation
+            now = time.monotonic()
+            for conn in list(self._connections):
+                conn.check_deadlines(now)
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new work, let requests in flight finish for ``grace_s``, answer the rest
@@ -128,11 +267,22 @@ class TcpFront:
         busy = [t for c in self._connections for t in c.running()]
         if busy:
             await asyncio.wait(busy, timeout=2.0)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.wait([self._watcher])
+        self.lag.stop()
         for conn in list(self._connections):
             conn.close()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        asyncio.get_running_loop().call_exception_handler(
+            {"message": "connection deadline watcher failed", "exception": task.exception(), "task": task}
+        )
 
 
 class Connection(asyncio.Protocol):
@@ -142,18 +292,36 @@ class Connection(asyncio.Protocol):
         self.front = front
         self.services = front.services
         self.config = front.config
-        self.decoder = FrameDecoder(self.config.max_frame)
+        # Small before HELLO (§1.1): an unauthenticated peer cannot make the server buffer much.
+        self.decoder = FrameDecoder(min(self.config.hello_max_frame, self.config.max_frame))
         self.transport: asyncio.Transport | None = None
         self.caller: Caller | None = None  # set by a successful HELLO
         self.peer = ""
+        self.peer_host = ""
         self.tag = f"c{next(_conn_ids)}"
+        #: Set when the connection is gone and every request it started has ended.
+        self.gone = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._in_flight: set[int] = set()
         self._uploads: dict[int, UploadSink] = {}
+        self._registers = 0
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._flush_scheduled = False
+        self._pump_scheduled = False
         self._holds: set[str] = set()
         self._closing = False
+        self._lost = False
+        now = time.monotonic()
+        self._opened_at = now
+        self._closed_at: float | None = None
+        self._last_rx = now
+        self._frame_since: float | None = None  # when the unfinished frame's first byte came
+        self._frames = 0  # frames taken from the decoder
+        self._buffered = 0  # decoder bytes counted in front.buffered
+        self._written = 0  # bytes handed to the transport
+        self._drained_mark = 0  # bytes known to have left the transport at the last check
+        self._stalled_since: float | None = None
 
     # --- transport callbacks ---
 
@@ -161,33 +329,48 @@ class Connection(asyncio.Protocol):
         # uvloop's TCPTransport does not subclass asyncio.Transport, so no isinstance check.
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else ""
-        self.front.attach(self)
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer = f"{peer[0]}:{peer[1]}"
+            self.peer_host = str(peer[0])
+        refused = self.front.attach(self)
+        if refused is not None:
+            log.warning("refused a connection from %s: %s", self.peer, refused.message)
+            self._closing = True
+            self._closed_at = time.monotonic()
+            self.transport.write(encode_error(None, refused))
+            self.transport.close()
+            return
+        c = self.config
+        # pause_writing() (which stops reading this client) fires at the high-water mark.
+        self.transport.set_write_buffer_limits(high=c.reply_high_water, low=c.reply_high_water // 4)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._lost = True
         self.front.detach(self)
         self._abort_uploads(UnavailableError("connection closed during upload"))
+        self._out.clear()
+        self._out_bytes = 0
         for task in list(self._tasks):
             task.cancel()
+        if not self._tasks:
+            self.gone.set()
 
     def pause_writing(self) -> None:
         # The peer is not reading its replies: stop reading its requests until it catches up.
-        self._hold_reading("write", True)
+        self.hold_reading("write", True)
 
     def resume_writing(self) -> None:
-        self._hold_reading("write", False)
+        self.hold_reading("write", False)
 
     def data_received(self, data: bytes) -> None:
+        self._last_rx = time.monotonic()
         try:
             self.decoder.feed(data)
-            while (frame := self.decoder.next_frame()) is not None:
-                self._dispatch(frame)
-                if self._closing:
-                    return
         except (ProtocolError, TooLargeError) as err:
             self._fail_connection(err)
-        self._flush()
+            return
+        self._pump()
 
     # --- what the front sees ---
 
@@ -202,10 +385,127 @@ class Connection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close the transport after pending writes."""
+        if not self._closing:
+            self._closed_at = time.monotonic()
         self._closing = True
         self._abort_uploads(UnavailableError("connection closed during upload"))
         if self.transport is not None:
             self.transport.close()
+
+    def unread(self) -> int:
+        """Reply bytes queued here or in the transport that the client has not taken yet."""
+        t = self.transport
+        return self._out_bytes + (t.get_write_buffer_size() if t is not None and not t.is_closing() else 0)
+
+    def release_buffer(self) -> int:
+        """Give back the decoder's bytes to the front's count (the connection is gone)."""
+        held, self._buffered = self._buffered, 0
+        return held
+
+    def check_deadlines(self, now: float) -> None:
+        """Drop this connection if one of its deadlines passed (§1.1)."""
+        c = self.config
+        t = self.transport
+        if t is None:
+            return
+        if self._closing:
+            # Closed, but its last writes are still queued: a peer that reads nothing would keep
+            # it (and them) forever.
+            if self._closed_at is not None and now - self._closed_at > c.write_timeout_s:
+                t.abort()
+            return
+        if self.caller is None and now - self._opened_at > c.hello_timeout_s:
+            self._drop("hello_timeout", f"no HELLO within {c.hello_timeout_s:g} s")
+            return
+        # While reading is paused the frame cannot progress; the pause's own rules apply.
+        if self._frame_since is not None and not self._holds and now - self._frame_since > c.frame_timeout_s:
+            self._drop("frame_timeout", f"a frame took over {c.frame_timeout_s:g} s to arrive")
+            return
+        unread = self.unread()
+        if unread:
+            drained = self._written - t.get_write_buffer_size()
+            if drained != self._drained_mark or self._stalled_since is None:
+                self._drained_mark = drained
+                self._stalled_since = now
+            elif now - self._stalled_since > c.write_timeout_s:
+                log.warning(
+                    "dropping %s (%s): %d reply bytes unread for %.0f s",
+                    self.tag, self.peer, unread, now - self._stalled_since,
+                )
+                # Nothing more can reach a peer that reads nothing: free its replies now.
+                self._closing = True
+                t.abort()
+                return
+        else:
+            self._stalled_since = None
+        if (
+            not self._in_flight
+            and not self._uploads
+            and not unread
+            and not self.decoder.buffered
+            and now - self._last_rx > c.idle_timeout_s
+        ):
+            self._drop("idle_timeout", f"idle for {c.idle_timeout_s:g} s")
+
+    # --- input ---
+
+    def _pump(self) -> None:
+        """Take and dispatch the frames buffered, unless reading is held (§1.1: past a
+        high-water mark nothing new starts for this connection)."""
+        self._pump_scheduled = False
+        frames = self._frames
+        try:
+            while not self._holds and not self._closing:
+                frame = self.decoder.next_frame()
+                if frame is None:
+                    break
+                self._frames += 1
+                self._dispatch(frame)
+        except (ProtocolError, TooLargeError) as err:
+            self._fail_connection(err)
+        self._account(new_frame=self._frames != frames)
+        self._flush()
+
+    def _account(self, *, new_frame: bool) -> None:
+        """Keep the front's count of buffered bytes and this frame's start time current."""
+        if self._closing:
+            return
+        buffered = self.decoder.buffered
+        delta, self._buffered = buffered - self._buffered, buffered
+        if not buffered:
+            self._frame_since = None
+        elif new_frame or self._frame_since is None:
+            self._frame_since = time.monotonic()
+        if delta:
+            self.front.buffered_changed(delta)
+        length = self.decoder.frame_length
+        if new_frame or length is None:
+            self.front.release(self)  # the reserved frame, if any, is complete
+        if buffered > PARTIAL_ALLOWANCE and length is not None:
+            self.front.reserve(self, length)
+
+    def hold_reading(self, reason: str, on: bool) -> None:
+        """Pause reading (and dispatching what is buffered) while any reason holds: upload
+        backlog, unread replies, the shared buffer budget."""
+        if self.transport is None or self._closing or self.transport.is_closing():
+            return
+        before = bool(self._holds)
+        if on:
+            self._holds.add(reason)
+        else:
+            self._holds.discard(reason)
+        if bool(self._holds) == before:
+            return
+        if self._holds:
+            self.transport.pause_reading()
+            return
+        self.transport.resume_reading()
+        if self._frame_since is not None:
+            self._frame_since = time.monotonic()  # the wait was the server's, not the client's
+        if self.decoder.buffered and not self._pump_scheduled:
+            # Frames read before the pause are still waiting in the decoder.
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump)
 
     # --- output ---
 
@@ -214,6 +514,7 @@ class Connection(asyncio.Protocol):
         if self._closing:
             return
         self._out.append(frame)
+        self._out_bytes += len(frame)
         if len(self._in_flight) <= 1 and not self._flush_scheduled:
             # Nothing else in flight here: no later reply to coalesce with, so the loop
             # iteration a scheduled flush costs would only add latency.
@@ -225,24 +526,20 @@ class Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self._out))
+        t = self.transport
+        if self._out and t is not None and not t.is_closing():
+            data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            self._written += len(data)
+            t.write(data)
+            if t.get_write_buffer_size():
+                self.front.backlogged(self)
         self._out.clear()
+        self._out_bytes = 0
 
-    def _hold_reading(self, reason: str, on: bool) -> None:
-        """Pause reading while any reason holds (upload backlog, unread replies)."""
-        if self.transport is None or self.transport.is_closing():
-            return
-        before = bool(self._holds)
-        if on:
-            self._holds.add(reason)
-        else:
-            self._holds.discard(reason)
-        if bool(self._holds) != before:
-            if self._holds:
-                self.transport.pause_reading()
-            else:
-                self.transport.resume_reading()
+    def _drop(self, reason: str, message: str) -> None:
+        """Close for a broken limit: one UNAVAILABLE error frame (id nil), then the close."""
+        log.info("closing %s (%s): %s", self.tag, self.peer, message)
+        self._fail_connection(UnavailableError(f"connection closed: {message}", {"reason": reason}))
 
     def _fail_connection(self, err: FnError, req_id: int | None = None) -> None:
         """Send a connection-level error and close (PROTOCOL.md §2, §4)."""
@@ -313,9 +610,11 @@ class Connection(asyncio.Protocol):
             return
         hello = HelloRequest.from_wire(body)
         if hello.protocol != PROTOCOL_VERSION:
+            got = body.get("protocol")
             self._fail_connection(
                 ProtocolError(
-                    f"protocol version {body.get('protocol')!r} is not supported; this server speaks {PROTOCOL_VERSION}",
+                    f"'protocol' must be the integer {PROTOCOL_VERSION}, got {got!r}"
+                    f" ({type(got).__name__}); this server speaks protocol {PROTOCOL_VERSION}",
                     {"protocol": PROTOCOL_VERSION},
                 ),
                 req_id,
@@ -323,23 +622,40 @@ class Connection(asyncio.Protocol):
             return
         want = self.config.token
         if want is not None:
-            got = hello.token
-            if got is None or not hmac.compare_digest(got.encode(), want.encode()):
+            got_token = hello.token
+            if got_token is None or not hmac.compare_digest(got_token.encode(), want.encode()):
                 self._fail_connection(UnauthenticatedError("missing or wrong token"), req_id)
                 return
         self.caller = Caller()
+        self.decoder.max_frame = self.config.max_frame  # the limit HELLO's reply announces
         self._send(encode_response(req_id, self.services.hello().to_wire()))
 
     def _start_register(self, req_id: int, ctx: RequestContext, req: RegisterRequest) -> None:
+        limit = self.config.max_registers_per_connection
+        if self._registers >= limit:
+            # Each register holds a staging directory and, while it uploads, a descriptor:
+            # one connection must not be able to take them all (§5.2).
+            self._send(
+                encode_error(
+                    req_id,
+                    ResourceExhaustedError(
+                        f"{limit} registers are already in progress on this connection;"
+                        " wait for one to finish",
+                        {"reason": "registers_per_connection", "limit": limit},
+                    ),
+                )
+            )
+            return
         reason = f"upload:{req_id}"
         try:
             sink = self.services.registrations.open_upload(
-                ctx, req, lambda on: self._hold_reading(reason, on)
+                ctx, req, lambda on: self.hold_reading(reason, on)
             )
         except FnError as err:
             self._send(encode_error(req_id, err))
             return
         self._uploads[req_id] = sink
+        self._registers += 1
 
         def progress(event: ProgressEvent) -> None:
             self._send(encode_event(req_id, "progress", **event.to_wire()))
@@ -348,16 +664,24 @@ class Connection(asyncio.Protocol):
             try:
                 return await self.services.registrations.register(ctx, req, sink, progress)
             finally:
+                self._registers -= 1
                 self._uploads.pop(req_id, None)
-                self._hold_reading(reason, False)
+                self.hold_reading(reason, False)
 
         self._run(req_id, "register", register())
 
     def _run(self, req_id: int, op: str, coro: Awaitable[_Reply]) -> None:
         self._in_flight.add(req_id)
+        # Named after the request, so the loop-lag warning can say which one held the loop.
         task = asyncio.ensure_future(self._answer(req_id, op, coro))
+        task.set_name(f"{op} {self.tag}.{req_id}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if self._lost and not self._tasks:
+            self.gone.set()
 
     async def _answer(self, req_id: int, op: str, coro: Awaitable[_Reply]) -> None:
         started = time.monotonic()
@@ -367,6 +691,8 @@ class Connection(asyncio.Protocol):
             self._send(encode_error(req_id, err))
         except asyncio.CancelledError:
             self._send(encode_error(req_id, UnavailableError("server is shutting down")))
+        except OSError as exc:
+            self._send(encode_error(req_id, self._os_error(op, req_id, exc)))
         except Exception as exc:
             log.exception("%s request %s/%d failed", op, self.tag, req_id)
             self._send(encode_error(req_id, InternalError(f"internal error: {type(exc).__name__}")))
@@ -378,7 +704,22 @@ class Connection(asyncio.Protocol):
                 # frame it is entitled to refuse (§2). The request fails, the connection lives.
                 self._send(encode_error(req_id, err))
             else:
-                self._send(frame)
+                refused = self.front.reply_refused(self, len(frame)) if len(frame) > SMALL_REPLY else None
+                self._send(frame if refused is None else encode_error(req_id, refused))
         finally:
             self._in_flight.discard(req_id)
             log.debug("%s %s/%d done in %.1f ms", op, self.tag, req_id, (time.monotonic() - started) * 1e3)
+
+    def _os_error(self, op: str, req_id: int, exc: OSError) -> FnError:
+        """An OSError a service let through, translated here at the boundary: what the host ran
+        out of is RESOURCE_EXHAUSTED (logged, no traceback), anything else INTERNAL; the
+        message never carries the file name the OSError holds."""
+        why = exc.strerror or type(exc).__name__
+        if exc.errno in _RESOURCE_ERRNOS:
+            log.warning("%s request %s/%d: %s", op, self.tag, req_id, why)
+            return ResourceExhaustedError(
+                f"the server could not complete {op}: {why}",
+                {"errno": errno.errorcode.get(exc.errno or 0, "")},
+            )
+        log.exception("%s request %s/%d failed", op, self.tag, req_id)
+        return InternalError(f"internal error: {type(exc).__name__}")

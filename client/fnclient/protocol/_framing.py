@@ -54,6 +54,11 @@ class FrameDecoder:
         """Bytes received but not yet returned as frames."""
         return len(self._buf)
 
+    @property
+    def frame_length(self) -> int | None:
+        """Body length of the frame being read, once its length prefix has arrived."""
+        return self._need
+
     def feed(self, data: bytes) -> None:
         """Append received bytes."""
         if self._broken is not None:

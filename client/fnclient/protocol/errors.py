@@ -20,6 +20,7 @@ __all__ = [
     "MemoryLimitError",
     "NotFoundError",
     "ProtocolError",
+    "ResourceExhaustedError",
     "TooLargeError",
     "TrapError",
     "UnauthenticatedError",
@@ -106,6 +107,14 @@ class UnavailableError(FnError):
     code = "UNAVAILABLE"
 
 
+class ResourceExhaustedError(FnError):
+    """The server ran short of something it shares among callers: disk space, file descriptors,
+    memory for replies, or a per-connection allowance. Nothing was changed; retrying later (or
+    with less in flight) may work."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class ProtocolError(FnError):
     """A frame broke the wire protocol; the connection is closed after this error."""
 
@@ -137,6 +146,7 @@ ERROR_CLASSES: dict[str, type[FnError]] = {
         MemoryLimitError,
         TrapError,
         UnavailableError,
+        ResourceExhaustedError,
         ProtocolError,
         UnauthenticatedError,
         InternalError,

@@ -21,6 +21,8 @@ as they are.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -34,11 +36,13 @@ from ..protocol import (
     CompileRequest,
     DeleteReply,
     DeleteRequest,
+    FnError,
     InvokeRequest,
     InvokeResult,
     ProgressEvent,
     RegisterRequest,
     RequestRecord,
+    ResourceExhaustedError,
     UnavailableError,
     VersionInfo,
 )
@@ -52,6 +56,8 @@ __all__ = ["ControlLink", "RelayedFunctionService", "RelayedRegisterService"]
 #: How long a link connection waits for the control process's HELLO: a control process being
 #: restarted by the supervisor takes a second or two; its socket holds the connection meanwhile.
 LINK_CONNECT_TIMEOUT_S: Final = 60.0
+#: What a link that could not be opened for these reasons is: a shortage, not a restart.
+_SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 class ControlLink:
@@ -137,9 +143,19 @@ async def _drain(sink: UploadSink) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def _unavailable(exc: UnavailableError) -> UnavailableError:
+def _unavailable(exc: UnavailableError) -> FnError:
     """The control process's own UNAVAILABLE passes as it is; a lost link says what happened
-    without naming internal addresses."""
+    without naming internal addresses; a link this process could not open for want of
+    descriptors or memory is RESOURCE_EXHAUSTED, like any other such shortage."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in _SHORTAGE:
+            return ResourceExhaustedError(
+                f"the server is short of resources ({os.strerror(cause.errno or 0)}); "
+                "try again later",
+                {"errno": errno.errorcode.get(cause.errno or 0, "")},
+            )
+        cause = cause.__cause__ or cause.__context__
     if exc.message.startswith(("cannot connect", "connection to server lost", "no HELLO")):
         return UnavailableError(
             "the server's control process is restarting; try again", {"retry": True}

@@ -15,6 +15,7 @@ from fnserver.protocol import (
     FrameDecoder,
     FunctionTimeoutError,
     InvalidArgumentError,
+    InvokeResult,
     NotFoundError,
     ProtocolError,
     TooLargeError,
@@ -219,3 +220,16 @@ def test_error_classes_rebuilt_from_codes() -> None:
     assert isinstance(error_from_wire("INVALID_ARGUMENT", "v"), ValueError)
     unknown = error_from_wire("SOMETHING_NEW", "x")
     assert type(unknown) is FnError and unknown.code == "SOMETHING_NEW"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"output": 2**31}, {"stderr": "text"}, {"exit_code": "x"}, {"duration_us": 1.5},
+     {"version": True}, {"wall_us": 2**70}, {"mode": 3}],
+    ids=lambda m: next(iter(m)),
+)
+def test_a_malformed_invoke_result_is_a_protocol_error(bad: dict[str, object]) -> None:
+    """A hostile or broken server cannot make the client allocate ``bytes(2**31)`` or raise
+    anything but the protocol's own error (found by bench/fuzz_protocol.py's review)."""
+    with pytest.raises(ProtocolError):
+        InvokeResult.from_wire(bad)

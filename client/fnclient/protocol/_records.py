@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, ProtocolError
 
 __all__ = [
     "ALIAS_RE",
@@ -796,18 +796,40 @@ class InvokeResult:
 
     @classmethod
     def from_wire(cls, result: Mapping[str, Any]) -> InvokeResult:
-        """Build from an ``invoke`` result map; absent keys take neutral defaults."""
+        """Build from an ``invoke`` result map; absent keys take neutral defaults. A field of
+        the wrong type is a :class:`ProtocolError` (never ``bytes(2**31)``: an int is not
+        output)."""
+
+        def data(key: str) -> bytes:
+            value = result.get(key)
+            if value is None:
+                return b""
+            if not isinstance(value, bytes):
+                raise ProtocolError(f"malformed invoke result: '{key}' is not bin")
+            return value
+
+        def number(key: str) -> int:
+            value = result.get(key)
+            if value is None:
+                return 0
+            if not isinstance(value, int) or isinstance(value, bool) or abs(value) >= 2**63:
+                raise ProtocolError(f"malformed invoke result: '{key}' is not an integer")
+            return value
+
+        mode = result.get("mode")
+        if mode is not None and not isinstance(mode, str):
+            raise ProtocolError("malformed invoke result: 'mode' is not a string")
         return cls(
-            output=bytes(result.get("output") or b""),
-            stderr=bytes(result.get("stderr") or b""),
-            exit_code=int(result.get("exit_code") or 0),
-            duration_us=int(result.get("duration_us") or 0),
-            version=int(result.get("version") or 0),
+            output=data("output"),
+            stderr=data("stderr"),
+            exit_code=number("exit_code"),
+            duration_us=number("duration_us"),
+            version=number("version"),
             truncated=bool(result.get("truncated", False)),
-            queue_us=int(result.get("queue_us") or 0),
-            wall_us=int(result.get("wall_us") or 0),
-            memory_peak=int(result.get("memory_peak") or 0),
-            mode=str(result.get("mode") or "wasm"),
+            queue_us=number("queue_us"),
+            wall_us=number("wall_us"),
+            memory_peak=number("memory_peak"),
+            mode=mode or "wasm",
         )
 
     def to_wire(self) -> dict[str, Any]:

@@ -197,8 +197,10 @@ class MemoryCgroup:
 
     path: str
     call_procs: int
-    #: The same ``cgroup.procs``, for reading: whatever a call left behind is listed there.
-    call_members: int
+    #: The path of that ``cgroup.procs``, for reading: whatever a call left behind is listed
+    #: there. Opened afresh for each read: cgroup v1 keeps a pid list per open file for a
+    #: second or so, so a descriptor read again would show a stale list.
+    call_members: str
     own_procs: int
     call_limit: int
     call_oom: int
@@ -219,7 +221,7 @@ def _memory_cgroup(uid: int) -> MemoryCgroup:
     group = MemoryCgroup(
         path=d,
         call_procs=os.open(os.path.join(call, "cgroup.procs"), os.O_WRONLY | flags),
-        call_members=os.open(os.path.join(call, "cgroup.procs"), os.O_RDONLY | flags),
+        call_members=os.path.join(call, "cgroup.procs"),
         own_procs=os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | flags),
         call_limit=os.open(os.path.join(call, "memory.limit_in_bytes"), os.O_WRONLY | flags),
         call_oom=os.open(os.path.join(call, "memory.oom_control"), os.O_RDONLY | flags),
@@ -415,7 +417,11 @@ def kill_descendants(info: SandboxInfo, *, startup: bool = False) -> int:
         # group means nothing is left (one small read, where /proc costs ~100 us). Zombies a
         # call left are reparented here already dead: reaped without waiting.
         try:
-            alive = os.pread(g.call_members, 64, 0)
+            fd = os.open(g.call_members, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                alive = os.read(fd, 64)
+            finally:
+                os.close(fd)
         except OSError:
             alive = b"?"
         if not alive:

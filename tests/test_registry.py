@@ -20,6 +20,7 @@ from fnserver.protocol import (
     InternalError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
     VersionInfo,
 )
 from fnserver.registry import NewVersion, Registry
@@ -241,7 +242,7 @@ async def test_commit_rejects_bad_artifacts(reg: Registry, tmp_path: Path) -> No
     assert snapshot(reg) == before
 
 
-async def test_storage_failure_is_internal_without_paths(
+async def test_a_full_disk_is_resource_exhausted_without_paths(
     reg: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await upload(reg, "f")
@@ -250,7 +251,8 @@ async def test_storage_failure_is_internal_without_paths(
         raise OSError(errno.ENOSPC, "No space left on device", "/srv/secret/f/2")
 
     monkeypatch.setattr(reg.metadata, "put_version", full)
-    with pytest.raises(InternalError) as info:
+    # What the host ran out of is not a server bug: its own code (issue 10), never INTERNAL.
+    with pytest.raises(ResourceExhaustedError) as info:
         await upload(reg, "f", b"new bytes")
     assert str(info.value) == "could not store a version of 'f': No space left on device"
     monkeypatch.undo()

@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 
 from fnserver.artifacts import ARTIFACT_FILES, META_FILE
-from fnserver.protocol import FunctionLimits, InternalError, InvalidArgumentError, NotFoundError
+from fnserver.protocol import (
+    FunctionLimits,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 from fnserver.registry import LocalStore, Registry, _local
 
 from .test_registry import CREATED_RE, upload
@@ -118,7 +123,7 @@ async def test_failed_rename_burns_the_number_and_leaves_nothing(
         raise OSError(28, "No space left on device", str(dst))
 
     monkeypatch.setattr(_local.os, "rename", refuse)
-    with pytest.raises(InternalError) as info:
+    with pytest.raises(ResourceExhaustedError) as info:
         await upload(reg, "f", alias="prod")
     monkeypatch.undo()
     assert str(info.value) == "could not store version 2 of 'f': No space left on device"

@@ -194,6 +194,30 @@ class Server:
                 continue
         return sum(per.values()), per
 
+    def roles(self, pids: list[int] | dict[int, int]) -> dict[str, str]:
+        """pid -> what it is (from its command line), for the per-process figures."""
+        out: dict[str, str] = {}
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                out[str(pid)] = "gone"
+                continue
+            text = b" ".join(argv).decode(errors="replace")
+            if pid == self.pid:
+                role = "supervisor"
+            elif "fnserver.exec._worker" in text:
+                role = "worker"
+            elif "fnserver.exec._compile" in text:
+                role = "compiler"
+            elif "--serve-fd" in text:
+                role = "serving"
+            else:
+                role = text[:60]
+            out[str(pid)] = role
+        return out
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -235,6 +259,8 @@ class RssSampler(threading.Thread):
         self.phase = "start"
         self.samples: list[tuple[float, str, int]] = []
         self.peak_detail: dict[int, int] = {}
+        self.peak_roles: dict[str, str] = {}
+        self.baseline_detail: dict[int, int] = {}
         self._stop_event = threading.Event()
         self.t0 = time.monotonic()
 
@@ -245,6 +271,9 @@ class RssSampler(threading.Thread):
             self.samples.append((round(time.monotonic() - self.t0, 2), self.phase, total))
             if total > peak:
                 peak, self.peak_detail = total, per
+                self.peak_roles = self.server.roles(per)
+            if self.phase == "baseline":
+                self.baseline_detail = per
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -791,6 +820,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         time.sleep(cfg["settle_s"])
         sampler.phase = "end"
         after_total, after_detail = server.rss()
+        server_roles = server.roles(after_detail)
         server_alive = server.alive()
         serving_after = server.serving_pids()
     finally:
@@ -813,8 +843,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             "after": _mb(after_total),
             "after_s": round(time.monotonic() - left_at, 1) if settle else None,
             "settle_min": _mb(min(settle)) if settle else None,
-            "peak_per_process": {str(k): _mb(v) for k, v in sampler.peak_detail.items()},
-            "after_per_process": {str(k): _mb(v) for k, v in after_detail.items()},
+            "baseline_per_process": _labelled(sampler.baseline_detail, server_roles),
+            "peak_per_process": _labelled(sampler.peak_detail, sampler.peak_roles),
+            "after_per_process": _labelled(after_detail, server_roles),
             "timeline": [(t, p, _mb(r)) for t, p, r in sampler.samples],
         },
         "server": {
@@ -840,6 +871,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     result["code"] = _code_version()
     result["elapsed_s"] = round(time.monotonic() - t_start, 1)
     return result
+
+
+def _labelled(per: dict[int, int], roles: dict[str, str]) -> dict[str, float]:
+    return {f"{pid} {roles.get(str(pid), '?')}": _mb(v) for pid, v in sorted(per.items())}
 
 
 def _warning_kinds(log_text: str) -> dict[str, int]:
@@ -914,6 +949,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--echo", metavar="SPEC", help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, default=None, help="soak length (default 90, quick 30)")
     p.add_argument("--connections", type=int, default=None, help="churn connections (default 1000)")
+    p.add_argument("--think-s", type=float, default=None,
+                   help="mean pause between two ops of one churn connection (default 1)")
+    p.add_argument("--no-hostile", action="store_true",
+                   help="no slowloris, never-reading or partial-frame clients")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/soak.json)")
     a = p.parse_args(argv)
@@ -932,6 +971,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg["seconds"] = a.seconds
     if a.connections is not None:
         cfg["connections"] = a.connections
+    if a.think_s is not None:
+        cfg["think_s"] = a.think_s
+    if a.no_hostile:
+        cfg.update(slowloris=0, never_reading=0, partial=0)
     out = a.out or RESULTS / ("soak.json" if mode != "smoke" else "soak-smoke.json")
     cfg["log_out"] = str(out.with_suffix(".server.log"))
     result = run(cfg)

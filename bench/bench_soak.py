@@ -183,10 +183,17 @@ class Server:
         return sorted(pids)
 
     def rss(self) -> tuple[int, dict[int, int]]:
-        """Total resident bytes of the family, and per process."""
+        """Total resident bytes of the family, and per process.
+
+        A child caught between fork and exec (a compiler or worker being started) still
+        shows its parent's command line and its parent's pages, shared copy-on-write: counted,
+        it would add a whole serving process to the sum. Such children, and zombies, are left
+        out."""
         page = os.sysconf("SC_PAGE_SIZE")
         per: dict[int, int] = {}
         for pid in self.family():
+            if pid != self.pid and _not_yet_itself(pid):
+                continue
             try:
                 with open(f"/proc/{pid}/statm") as f:
                     per[pid] = int(f.read().split()[1]) * page
@@ -239,6 +246,20 @@ class Server:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _not_yet_itself(pid: int) -> bool:
+    """A zombie, or a forked child that has not exec'd yet (its parent's command line)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            mine = f.read()
+        with open(f"/proc/{ppid}/cmdline", "rb") as f:
+            parents = f.read()
+    except (OSError, IndexError, ValueError):
+        return True
+    return not mine or mine == parents
 
 
 def _start_time(pid: int) -> str | None:
@@ -821,6 +842,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         sampler.phase = "end"
         after_total, after_detail = server.rss()
         server_roles = server.roles(after_detail)
+        if cfg.get("probe_trim"):
+            result["after_malloc_trim"] = _probe_trim(server, server_roles)
         server_alive = server.alive()
         serving_after = server.serving_pids()
     finally:
@@ -871,6 +894,23 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     result["code"] = _code_version()
     result["elapsed_s"] = round(time.monotonic() - t_start, 1)
     return result
+
+
+def _probe_trim(server: Server, roles: dict[str, str]) -> dict[str, Any]:
+    """Diagnosis, opt-in: ask glibc in each serving process to give its free heap back
+    (``malloc_trim(0)`` through gdb), then take the RSS again. What falls was free memory the
+    allocator kept; what stays is still held by the server."""
+    if shutil.which("gdb") is None:
+        return {"skipped": "no gdb"}
+    out: dict[str, Any] = {}
+    for pid, role in roles.items():
+        if role != "serving":
+            continue
+        proc = subprocess.run(["gdb", "-p", pid, "-batch", "-ex", "call (int)malloc_trim(0)"],
+                              capture_output=True, text=True, timeout=60)
+        out[pid] = "ok" if proc.returncode == 0 else proc.stderr[-300:]
+    total, per = server.rss()
+    return {"gdb": out, "rss_mb": _mb(total), "per_process": _labelled(per, server.roles(per))}
 
 
 def _labelled(per: dict[int, int], roles: dict[str, str]) -> dict[str, float]:
@@ -935,6 +975,10 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"server alive at the end: {s['alive']}; serving processes replaced: {replaced}; "
           f"log: {s['log_tracebacks']} tracebacks, {s['log_errors']} errors, "
           f"{s['log_warnings']} warnings")
+    trim = r.get("after_malloc_trim")
+    if trim:
+        print(f"after malloc_trim(0) in each serving process (diagnosis): "
+              f"{trim.get('rss_mb', trim)} MB")
     for name, t in r["targets"].items():
         print(f"target {name} {t['target']}: {t['value']}  {'met' if t['met'] else 'NOT met'}")
 
@@ -953,6 +997,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="mean pause between two ops of one churn connection (default 1)")
     p.add_argument("--no-hostile", action="store_true",
                    help="no slowloris, never-reading or partial-frame clients")
+    p.add_argument("--settle", type=float, default=None,
+                   help="seconds to wait after the clients left before the last RSS (default 20)")
+    p.add_argument("--probe-trim", action="store_true",
+                   help="diagnosis: after the settle, malloc_trim(0) in each serving process "
+                        "(through gdb) and take the RSS once more")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/soak.json)")
     a = p.parse_args(argv)
@@ -971,6 +1020,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg["seconds"] = a.seconds
     if a.connections is not None:
         cfg["connections"] = a.connections
+    cfg["probe_trim"] = a.probe_trim
+    if a.settle is not None:
+        cfg["settle_s"] = a.settle
     if a.think_s is not None:
         cfg["think_s"] = a.think_s
     if a.no_hostile:

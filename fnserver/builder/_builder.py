@@ -413,10 +413,13 @@ class Builder:
                              report: Progress) -> _Outcome:
         go = await self._go_toolchain()
         await asyncio.to_thread(shutil.copyfile, upload, src / "main.go")
-        pkg = package_name(src / "main.go")
+        # Off the loop: the scan is linear but reads up to a MiB of the upload.
+        pkg = await asyncio.to_thread(package_name, src / "main.go")
         if pkg is not None and pkg != "main":
             raise InvalidArgumentError(f"a .go upload must be package main, this is package {pkg}")
-        (src / "go.mod").write_text(f"module {GO_MODULE_NAME}\n\ngo {go.language_version}\n")
+        await asyncio.to_thread(
+            (src / "go.mod").write_text, f"module {GO_MODULE_NAME}\n\ngo {go.language_version}\n"
+        )
         return await self._go_build(go, src, ".", "-mod=readonly", run, report,
                                     single_file=True)
 
@@ -424,10 +427,8 @@ class Builder:
                                report: Progress) -> _Outcome:
         report("unpacking the module")
         await asyncio.to_thread(extract_zip, upload, src)
-        root = find_module_root(src)
-        mod = parse_go_mod((root / "go.mod").read_text("utf-8", "replace"))
-        vendored = check_module(root, mod)
-        pkg = find_main_package(root)
+        # Off the loop: a module may hold thousands of files, each scanned for its package.
+        root, vendored, pkg = await asyncio.to_thread(_inspect_module, src)
         go = await self._go_toolchain()
         return await self._go_build(go, root, pkg, "-mod=vendor" if vendored else "-mod=readonly",
                                     run, report, single_file=False)
@@ -596,6 +597,13 @@ class Builder:
         for old, new in pairs:
             text = text.replace(old, new)
         return text
+
+
+def _inspect_module(src: Path) -> tuple[Path, bool, str]:
+    """The module's root, whether it is vendored, and its main package (blocking)."""
+    root = find_module_root(src)
+    mod = parse_go_mod((root / "go.mod").read_text("utf-8", "replace"))
+    return root, check_module(root, mod), find_main_package(root)
 
 
 async def _run_concurrently(coros: dict[str, Coroutine[Any, Any, ProcResult]]) -> dict[str, ProcResult]:

@@ -814,6 +814,8 @@ def _mb(n: float) -> float:
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    from bench_invoke import _code_version, _loadavg  # one copy, shared with bench_invoke
+
     t_start = time.monotonic()
     modules = fixtures()
     server = Server()
@@ -926,23 +928,6 @@ def _warning_kinds(log_text: str) -> dict[str, int]:
             msg = re.sub(r"\d+(\.\d+)?", "N", m.group(3))
             kinds[f"{m.group(1)} {m.group(2)}: {msg[:120]}"] += 1
     return dict(kinds.most_common(15))
-
-
-def _loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def _code_version() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "fnserver",
-                                        "client").splitlines()]
-    return {"commit": git("rev-parse", "HEAD").strip() or None, "uncommitted": changed}
 
 
 def print_table(r: dict[str, Any]) -> None:

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Final
 
+from .test_exec import C_SOURCES as EXEC_SOURCES
+
 __all__ = [
     "BUILD_HUGE_ARRAY_GO",
     "BUILD_HUGE_ARRAY_READ_GO",
@@ -327,32 +329,8 @@ int main(void) {
     puts("survived");
     return 0;
 }""",
-    # Talks to itself over 127.0.0.1, then tries the host's port argv[1].
-    "loopback": r"""
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/socket.h>
-#include <unistd.h>
-int main(int argc, char **argv) {
-    struct sockaddr_in a = {0}, h = {0};
-    socklen_t n = sizeof a;
-    char buf[8] = {0};
-    a.sin_family = h.sin_family = AF_INET;
-    a.sin_addr.s_addr = h.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    h.sin_port = htons(atoi(argv[1]));
-    int l = socket(AF_INET, SOCK_STREAM, 0), c = socket(AF_INET, SOCK_STREAM, 0);
-    if (bind(l, (void *)&a, sizeof a) || listen(l, 1) || getsockname(l, (void *)&a, &n)
-        || connect(c, (void *)&a, sizeof a)) { perror("self"); return 1; }
-    int s = accept(l, 0, 0);
-    write(c, "ping", 4);
-    read(s, buf, 4);
-    printf("self:%s\n", buf);
-    int d = socket(AF_INET, SOCK_STREAM, 0);
-    printf("host:%s\n", connect(d, (void *)&h, sizeof h) ? "unreachable" : "REACHED");
-    return 0;
-}""",
+    # Talks to itself over 127.0.0.1, then tries the host's port argv[1]: the exec tests' own.
+    "loopback": EXEC_SOURCES["loopback"],
 }
 
 #: Issue 9's huge-array source as it was reported. Go 1.27.3 initialises this sparse array at

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import replace
@@ -127,6 +129,30 @@ async def run_fn(address: str, *args: str, input: bytes | None = None, env: Mapp
     out, err = await asyncio.wait_for(proc.communicate(input or b""), 120)
     assert proc.returncode is not None
     return proc.returncode, out, err
+
+
+class ServerProcess:
+    """A ``python -m fnserver`` supervisor and what it printed (drained, so it never blocks
+    on stderr)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, address: str) -> None:
+        self.proc = proc
+        self.address = address
+        self.log: list[str] = []
+        self._reader = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.log.append(line.decode(errors="replace"))
+
+    async def stop(self) -> int:
+        """SIGTERM, then its exit status."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.proc.wait(), 120)
+        await self._reader
+        return code
 
 
 async def start_server_process(

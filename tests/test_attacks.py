@@ -48,7 +48,7 @@ from .attack_sources import (
     compile_bomb,
     include_source,
 )
-from .conftest import start_server_process
+from .conftest import ServerProcess, start_server_process
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="the attacks are tried against a server started as root"
@@ -62,33 +62,18 @@ MiB = 1 << 20
 # -- the server ---------------------------------------------------------------------------------
 
 
-class Server:
-    """A supervisor process and what it printed (drained, so it never blocks on stderr)."""
+class Server(ServerProcess):
+    """The supervisor (tests/conftest.py), with what the attack tests ask of it."""
 
     def __init__(self, proc: asyncio.subprocess.Process, address: str) -> None:
-        self.proc = proc
-        self.address = address
+        super().__init__(proc, address)
         self.port = int(address.rsplit(":", 1)[1])
-        self.log: list[str] = []
-        self._reader = asyncio.ensure_future(self._drain())
-
-    async def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self.log.append(line.decode(errors="replace"))
 
     def client(self) -> AsyncClient:
         return AsyncClient(self.address, TOKEN, connect_timeout=120)
 
     def serving_pids(self) -> set[int]:
         return {pid for pid, (ppid, _) in _processes().items() if ppid == self.proc.pid}
-
-    async def stop(self) -> int:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(self.proc.wait(), 120)
-        await self._reader
-        return code
 
 
 @contextlib.asynccontextmanager

@@ -22,29 +22,9 @@ from fnclient import AsyncClient
 from fnclient.protocol import FnError, NotFoundError, UnavailableError
 
 from . import wasm_fixtures as wf
-from .conftest import start_server_process
+from .conftest import ServerProcess, start_server_process
 
-
-class Server:
-    """A supervisor process and what it printed."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, address: str) -> None:
-        self.proc = proc
-        self.address = address
-        self.log: list[str] = []
-        self._reader = asyncio.ensure_future(self._drain())
-
-    async def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self.log.append(line.decode(errors="replace"))
-
-    async def stop(self) -> int:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(self.proc.wait(), 120)
-        await self._reader
-        return code
+Server = ServerProcess
 
 
 @contextlib.asynccontextmanager

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import AsyncIterator
 from typing import Any, Final
 
 from fnclient import AsyncClient, UploadStream
@@ -118,7 +117,7 @@ class ControlLink:
         try:
             result = await client.register(
                 req.name,
-                UploadStream(req.size, req.sha256, _drain(sink)),
+                UploadStream(req.size, req.sha256, sink.chunks()),
                 filename=req.filename,
                 timeout_ms=o.timeout_ms,
                 memory_mb=o.memory_mb,
@@ -136,11 +135,6 @@ class ControlLink:
         return VersionInfo.from_wire(
             result, timeout_ms=config.default_timeout_ms, memory_mb=config.default_memory_mb
         )
-
-
-async def _drain(sink: UploadSink) -> AsyncIterator[bytes]:
-    async for chunk in sink.chunks():
-        yield chunk
 
 
 def _unavailable(exc: UnavailableError) -> FnError:

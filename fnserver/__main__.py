@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
 
         args = list(sys.argv[1:] if argv is None else argv)
         sys.exit(Supervisor(config, cmd.processes, args).run())
+    from .transport import big_blocks_from_mmap
+
+    big_blocks_from_mmap()
     if cmd.secret_fd is not None:
         secret = _read_secret(cmd.secret_fd)
         config = replace(config, control_token=secret, token=secret if config.role == "control" else config.token)

@@ -59,6 +59,11 @@ class UploadSink:
         self._queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._failed: FnError | None = None
         self._on_backlog = on_backlog
+        # Set by the first chunk (or a failure): the register opens its staging directory only
+        # then, so announced-but-silent registers hold no directory and no descriptor.
+        self._started = asyncio.Event()
+        if size == 0:
+            self._started.set()
 
     def feed(self, data: bytes) -> None:
         """Take the next chunk; never blocks. A bad chunk fails the register, not the caller."""
@@ -77,6 +82,7 @@ class UploadSink:
         self.received += len(data)
         self._queued += len(data)
         self._queue.put_nowait(data)
+        self._started.set()
         if self._queued > UPLOAD_HIGH_WATER:
             self._on_backlog(True)
 
@@ -85,6 +91,13 @@ class UploadSink:
         if self._failed is None:
             self._failed = err
         self._queue.put_nowait(b"")  # wake the writer so it reports the failure
+        self._started.set()
+
+    async def started(self) -> None:
+        """Wait for the first chunk; raise the register's failure if it failed first."""
+        await self._started.wait()
+        if self._failed is not None:
+            raise self._failed
 
     async def write_to(self, path: Path, sha256: str, progress: Progress) -> None:
         """Drain every announced byte into ``path`` and check the digest."""
@@ -179,6 +192,11 @@ class RegisterService:
         behind: the staging directory goes in every case.
         """
         c = self.config
+        try:
+            await sink.started()
+        except asyncio.CancelledError:
+            sink.abort(UnavailableError("server is shutting down"))
+            raise
         staging = await self.registry.new_staging()
         compiling: asyncio.Task[None] | None = None
 

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ._tcp import DISPATCHED_OPS, TcpFront
+from ._tcp import DISPATCHED_OPS, TcpFront, big_blocks_from_mmap
 
-__all__ = ["DISPATCHED_OPS", "TcpFront"]
+__all__ = ["DISPATCHED_OPS", "TcpFront", "big_blocks_from_mmap"]

@@ -48,7 +48,7 @@ from ..protocol import (
 from ..service import Caller, RequestContext, Services, UploadSink
 from ._lag import LagMonitor
 
-__all__ = ["DISPATCHED_OPS", "TcpFront"]
+__all__ = ["DISPATCHED_OPS", "TcpFront", "big_blocks_from_mmap"]
 
 log = logging.getLogger("fnserver")
 
@@ -128,7 +128,7 @@ class TcpFront:
     async def start(self) -> None:
         """Listen on the configured address."""
         loop = asyncio.get_running_loop()
-        _big_blocks_from_mmap()
+        big_blocks_from_mmap()
         if self.config.listen_fd is not None:
             # A serving process under the supervisor: the socket is bound and listening
             # already, shared (SO_REUSEPORT) with the other serving processes.
@@ -285,7 +285,7 @@ class TcpFront:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
 
 
-def _big_blocks_from_mmap() -> None:
+def big_blocks_from_mmap() -> None:
     """Serve allocations of 1 MiB and more from their own mappings, always.
 
     glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed, so after
@@ -294,7 +294,8 @@ def _big_blocks_from_mmap() -> None:
     client read 600 of them, 300 MB after three never-reading clients left; with a fixed
     threshold 144 MB and 132 MB, from a 49 MB baseline). Fixing the threshold returns every big
     reply, upload chunk and output buffer to the system when it is freed. Process-wide and
-    idempotent: setting it again changes nothing.
+    idempotent: each server process sets it at start (``__main__``), before its first big
+    allocation; the front sets it again for servers embedded in another program (the tests).
     """
     try:
         libc = ctypes.CDLL(None)

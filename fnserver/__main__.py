@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import __version__
-from .config import ServerConfig
+from .config import ServerConfig, TenantLimits
 from .protocol import FnError
 
 __all__ = ["Command", "main", "parse_args"]
@@ -76,6 +76,13 @@ def parse_command(argv: list[str] | None = None) -> Command:
     p.add_argument("--max-reply-mb", type=int, default=d.max_reply_buffer // (1024 * 1024), help=f"MiB of unread replies one connection may hold (default {d.max_reply_buffer // (1024 * 1024)})")
     p.add_argument("--max-reply-total-mb", type=int, default=d.max_reply_total // (1024 * 1024), help=f"MiB of unread replies all connections may hold (default {d.max_reply_total // (1024 * 1024)})")
     p.add_argument("--max-registers-per-connection", type=int, default=d.max_registers_per_connection, help=f"registers one connection may have in progress (default {d.max_registers_per_connection})")
+    # Tenant quotas, defaults for every tenant (OPERATIONS.md "Quotas"; the auth file overrides).
+    p.add_argument("--tenant-max-functions", type=int, default=None, help="functions one tenant may have (default: no limit)")
+    p.add_argument("--tenant-max-versions", type=int, default=None, help="versions one function of a tenant may keep (default: no limit)")
+    p.add_argument("--tenant-max-storage-mb", type=int, default=None, help="MiB of uploads and artifacts one tenant may store (default: no limit)")
+    p.add_argument("--tenant-max-concurrency", type=int, default=None, help="invocations of one tenant running at once, server-wide (default: no limit)")
+    p.add_argument("--tenant-max-rps", type=float, default=None, help="invocations per second of one tenant, server-wide (default: no limit)")
+    p.add_argument("--tenant-max-builds", type=int, default=None, help="registers of one tenant building at once (default: no limit)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"fnserver {__version__}")
     # Set by the supervisor for the serving processes it starts (fnserver/supervisor.py).
@@ -84,6 +91,8 @@ def parse_command(argv: list[str] | None = None) -> Command:
     p.add_argument("--role", choices=["serving", "control"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--control", default=None, help=argparse.SUPPRESS)
     p.add_argument("--secret-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--usage-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--usage-column", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     for flag in ("workers", "processes", "slots", "slots_per_function", "per_function", "max_artifact_mb"):
         value = getattr(a, flag)
@@ -92,6 +101,11 @@ def parse_command(argv: list[str] | None = None) -> Command:
     for flag in ("max_connections", "max_connections_per_peer", "max_buffered_mb", "max_reply_mb", "max_reply_total_mb", "max_registers_per_connection"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("tenant_max_functions", "tenant_max_versions", "tenant_max_storage_mb", "tenant_max_concurrency", "tenant_max_builds"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be 0 or more")
+    if a.tenant_max_rps is not None and not a.tenant_max_rps > 0:
+        p.error("--tenant-max-rps must be more than 0")
     for flag in ("hello_timeout", "frame_timeout", "idle_timeout", "write_timeout"):
         if not getattr(a, flag) > 0:
             p.error(f"--{flag.replace('_', '-')} must be more than 0")
@@ -132,6 +146,16 @@ def parse_command(argv: list[str] | None = None) -> Command:
         max_reply_buffer=a.max_reply_mb * 1024 * 1024,
         max_reply_total=a.max_reply_total_mb * 1024 * 1024,
         max_registers_per_connection=a.max_registers_per_connection,
+        tenant_limits=TenantLimits(
+            max_functions=a.tenant_max_functions,
+            max_versions=a.tenant_max_versions,
+            max_storage_mb=a.tenant_max_storage_mb,
+            max_concurrency=a.tenant_max_concurrency,
+            max_rps=a.tenant_max_rps,
+            max_builds=a.tenant_max_builds,
+        ),
+        usage_fd=a.usage_fd,
+        usage_column=a.usage_column,
     )
     return Command(config, processes, a.ready_fd, a.secret_fd)
 

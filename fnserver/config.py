@@ -2,15 +2,41 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
 from .protocol import CHUNK_SIZE, DEFAULT_MAX_FRAME
 
-__all__ = ["ServerConfig"]
+__all__ = ["ServerConfig", "TenantLimits"]
 
 MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TenantLimits:
+    """One tenant's quotas (``service/_quotas.py``); None is no limit."""
+
+    max_functions: int | None = None
+    #: Versions kept per function.
+    max_versions: int | None = None
+    max_storage_mb: int | None = None
+    #: Invocations running at once, across every serving process.
+    max_concurrency: int | None = None
+    #: Invocations per second (a token bucket holding one second's worth).
+    max_rps: float | None = None
+    #: Registers building at once.
+    max_builds: int | None = None
+
+    def overridden_by(self, other: TenantLimits) -> TenantLimits:
+        """These limits with every quota ``other`` sets taken from it."""
+        changes = {f.name: getattr(other, f.name) for f in fields(other) if getattr(other, f.name) is not None}
+        return replace(self, **changes)
+
+    @property
+    def metered(self) -> bool:
+        """True if calls count against the shared table (a concurrency or rate quota)."""
+        return self.max_concurrency is not None or self.max_rps is not None
 
 
 @dataclass(frozen=True)
@@ -97,6 +123,13 @@ class ServerConfig:
     #: Registers one connection may have in progress at once (each holds a staging directory
     #: and, while it uploads, a file descriptor).
     max_registers_per_connection: int = 16
+
+    #: Quotas every tenant gets unless the auth file overrides them (``service/_quotas.py``).
+    tenant_limits: TenantLimits = field(default_factory=lambda: TenantLimits())
+    #: A serving process under the supervisor: the shared usage table (a memfd) and this
+    #: process's column in it. None: a table of this process's own.
+    usage_fd: int | None = None
+    usage_column: int | None = None
 
     @property
     def modules_dir(self) -> Path:

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from . import __version__
+from ._quotas import COLUMNS as USAGE_COLUMNS
+from ._quotas import SharedUsage
 from .config import ServerConfig
 
 __all__ = ["Supervisor"]
@@ -88,6 +90,11 @@ class Supervisor:
         self.control: _Slot | None = None
         # The control process's HELLO token: handed to each process through a pipe.
         self._secret = secrets.token_urlsafe(32)
+        # Tenants' running calls and call rates, shared by the serving processes (one column
+        # each: the slot index), so quotas hold server-wide (service/_quotas.py).
+        if processes > USAGE_COLUMNS:
+            raise ValueError(f"processes must be at most {USAGE_COLUMNS}")
+        self.usage = SharedUsage.create()
         self.port = 0
         self._stopping = False
         self._sel = selectors.DefaultSelector()
@@ -139,13 +146,18 @@ class Supervisor:
             *self.child_args, "--serve-fd", str(fd), "--ready-fd", str(ready_w),
             "--secret-fd", str(secret_r), "--role", slot.role,
         ]
+        passed = [fd, ready_w, secret_r]
         if slot.role == "serving":
             assert self.control is not None
             args += ["--control", f"127.0.0.1:{self.control.sock.getsockname()[1]}"]
+            # A successor must not inherit the counts of the calls its predecessor died in.
+            self.usage.reset_column(slot.index)
+            args += ["--usage-fd", str(self.usage.fd), "--usage-column", str(slot.index)]
+            passed.append(self.usage.fd)
         if slot.role != "control" or slot.restarts:
             args.append("--no-warm")  # the control process warms the build cache, once
         slot.proc = subprocess.Popen(
-            [sys.executable, "-m", "fnserver", *args], pass_fds=(fd, ready_w, secret_r)
+            [sys.executable, "-m", "fnserver", *args], pass_fds=passed
         )
         os.close(ready_w)
         os.close(secret_r)

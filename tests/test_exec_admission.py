@@ -257,6 +257,37 @@ def test_round_robin_across_functions() -> None:
     assert (adm.running, adm.queued) == (0, 0)
 
 
+def test_round_robin_across_tenants_then_their_functions() -> None:
+    # Tenant "a" floods with four functions; tenant "b" has one: b's call waits one turn of
+    # a, not four (a tenant's turn is shared by its functions, which take turns within it).
+    adm = make(slots=1, per_function=1, max_queue=16)
+    running = adm.submit("a/x", "x0", group="a")
+    for f in ("p", "q", "r", "s"):
+        adm.submit(f"a/{f}", f"{f}0", group="a")
+    adm.submit("b/f", "b0", group="b")
+    adm.submit("b/f", "b1", group="b")
+    order = []
+    while True:
+        out = adm.finished(running)
+        if not out:
+            break
+        [running] = out
+        order.append(running.payload)
+    assert order == ["p0", "b0", "q0", "b1", "r0", "s0"]
+    assert (adm.running, adm.queued) == (0, 0)
+
+
+def test_a_withdrawn_tenant_leaves_the_turn_order() -> None:
+    adm = make(slots=1, per_function=1, max_queue=16)
+    running = adm.submit("a/x", "x0", group="a")
+    gone = adm.submit("b/f", "b0", group="b")
+    adm.submit("c/f", "c0", group="c")
+    adm.withdraw(gone)
+    [nxt] = adm.finished(running)
+    assert nxt.payload == "c0"
+    assert adm.queued == 0
+
+
 def test_a_long_queue_delays_a_newcomer_by_at_most_one_turn() -> None:
     adm = make(slots=1, per_function=1, max_queue=2000)
     running = adm.submit("hog", "hog0")
@@ -509,7 +540,8 @@ def test_property_random_sequences_keep_the_invariants(
                 and not any(w.key == key for w in m.waiting)
             )
             try:
-                call = adm.submit(key, f"{key}#{n}")
+                # Two tenants: every function belongs to one of them.
+                call = adm.submit(key, f"{key}#{n}", group=f"t{(n % nkeys) % 2}")
             except QueueFull as exc:
                 assert not admissible
                 assert queued_before == max_queue

@@ -5,9 +5,11 @@ plain unit test (tests/test_exec_policy.py).
 
 :class:`Admission` bounds the calls running at once (``slots``: one pooled memory slot and at
 most one guest thread each) and per function (``per_function``). Calls that must wait sit in
-one FIFO per function, and a freed slot goes to the functions in turn (round robin), so a
-function with a thousand calls queued delays a newcomer's call by at most one turn, not a
-thousand. Past ``max_queue`` waiting calls a submit raises :class:`~._policy.QueueFull`.
+one FIFO per function, and a freed slot goes to the tenants in turn and, within a tenant, to
+its functions in turn (round robin at both levels), so a function with a thousand calls
+queued delays a newcomer's call by at most one turn, not a thousand, and a tenant flooding
+with many functions gets one turn in as many as there are tenants waiting, not one per
+function. Past ``max_queue`` waiting calls a submit raises :class:`~._policy.QueueFull`.
 
 :class:`InlinePolicy` decides which calls run on the event loop's own thread (no thread
 hand-off: the fast path) and which on a guest thread. Only a function whose recent calls were
@@ -34,11 +36,13 @@ P = TypeVar("P")
 
 @dataclass(eq=False)
 class Waiting(Generic[P]):
-    """One call: ``key`` is the function it counts against; ``payload`` is the caller's."""
+    """One call: ``key`` is the function it counts against, ``group`` its tenant;
+    ``payload`` is the caller's."""
 
     key: str
     payload: P
     admitted: bool = False
+    group: str = ""
 
 
 class Admission(Generic[P]):
@@ -52,9 +56,11 @@ class Admission(Generic[P]):
         self.max_queue = max_queue
         self._running: Counter[str] = Counter()
         self._total = 0
-        # Functions with waiting calls, in turn order: the next freed slot goes to the first
-        # one that is under its cap, which then moves to the back.
-        self._ring: OrderedDict[str, deque[Waiting[P]]] = OrderedDict()
+        # Tenants with waiting calls, in turn order, each with its functions with waiting
+        # calls in turn order: the next freed slot goes to the first tenant that has a function
+        # under its cap, to the first such function of it; both then move to the back.
+        self._ring: OrderedDict[str, OrderedDict[str, deque[Waiting[P]]]] = OrderedDict()
+        self._waiting_keys: Counter[str] = Counter()  # functions with waiting calls
         self._queued = 0
 
     @property
@@ -75,18 +81,21 @@ class Admission(Generic[P]):
         """Calls of ``key`` holding a slot."""
         return self._running[key]
 
-    def submit(self, key: str, payload: P) -> Waiting[P]:
-        """A new call: admitted at once (``.admitted``) if a slot is free and ``key`` is under
-        its cap and nobody of ``key`` waits, else queued. Raises QueueFull."""
-        call = Waiting(key, payload)
+    def submit(self, key: str, payload: P, group: str = "") -> Waiting[P]:
+        """A new call of function ``key`` of tenant ``group``: admitted at once
+        (``.admitted``) if a slot is free and ``key`` is under its cap and nobody of ``key``
+        waits, else queued. Raises QueueFull. (``key`` must name one function server-wide,
+        so it includes the tenant.)"""
+        call = Waiting(key, payload, group=group)
         if self._total < self.slots and self._running[key] < self.per_function and (
-            key not in self._ring
+            key not in self._waiting_keys
         ):
             self._admit(call)
             return call
         if self._queued >= self.max_queue:
             raise QueueFull(self._queued, self.max_queue)
-        self._ring.setdefault(key, deque()).append(call)
+        self._ring.setdefault(group, OrderedDict()).setdefault(key, deque()).append(call)
+        self._waiting_keys[key] += 1
         self._queued += 1
         return call
 
@@ -103,21 +112,21 @@ class Admission(Generic[P]):
 
     def withdraw(self, call: Waiting[P]) -> None:
         """Take a waiting call out (its caller gave up); no-op if it is not waiting."""
-        line = self._ring.get(call.key)
-        if line is None or call.admitted:
+        lines = self._ring.get(call.group)
+        line = lines.get(call.key) if lines is not None else None
+        if lines is None or line is None or call.admitted:
             return
         try:
             line.remove(call)
         except ValueError:
             return
-        self._queued -= 1
-        if not line:
-            del self._ring[call.key]
+        self._dequeued(call.group, lines, call.key, line)
 
     def drain(self) -> list[Waiting[P]]:
         """Empty every queue (closing); return what waited, oldest function first."""
-        out = [c for line in self._ring.values() for c in line]
+        out = [c for lines in self._ring.values() for line in lines.values() for c in line]
         self._ring.clear()
+        self._waiting_keys.clear()
         self._queued = 0
         return out
 
@@ -126,19 +135,40 @@ class Admission(Generic[P]):
         self._total += 1
         self._running[call.key] += 1
 
+    def _dequeued(self, group: str, lines: OrderedDict[str, deque[Waiting[P]]], key: str,
+                  line: deque[Waiting[P]]) -> None:
+        """One call of ``key`` left its queue: drop emptied queues from the rings."""
+        self._queued -= 1
+        self._waiting_keys[key] -= 1
+        if self._waiting_keys[key] <= 0:
+            del self._waiting_keys[key]
+        if not line:
+            del lines[key]
+            if not lines:
+                del self._ring[group]
+
     def _pump(self) -> list[Waiting[P]]:
         out: list[Waiting[P]] = []
         while self._total < self.slots and self._ring:
-            key = next((k for k in self._ring if self._running[k] < self.per_function), None)
-            if key is None:
+            pick = next(
+                (
+                    (group, lines, key)
+                    for group, lines in self._ring.items()
+                    for key in lines
+                    if self._running[key] < self.per_function
+                ),
+                None,
+            )
+            if pick is None:
                 return out  # every waiting function is at its cap
-            line = self._ring[key]
+            group, lines, key = pick
+            line = lines[key]
             call = line.popleft()
-            self._queued -= 1
             if line:
-                self._ring.move_to_end(key)
-            else:
-                del self._ring[key]
+                lines.move_to_end(key)
+            if len(lines) > 1 or line:
+                self._ring.move_to_end(group)
+            self._dequeued(group, lines, key, line)
             self._admit(call)
             out.append(call)
         return out

@@ -280,7 +280,7 @@ class WasmRunner:
         if not self._wake.is_set():
             self._wake.set()
         try:
-            place = self._adm.submit(key, loop.create_future())
+            place = self._adm.submit(key, loop.create_future(), group=job.tenant)
         except QueueFull as exc:
             raise UnavailableError(
                 f"too many calls waiting ({self._adm.queued}); try again later",

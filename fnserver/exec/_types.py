@@ -39,3 +39,5 @@ class InvokeJob:
     input: bytes
     args: tuple[str, ...]
     limits: Limits
+    #: The caller's tenant: calls waiting for a slot take turns by tenant first (fairness).
+    tenant: str = ""

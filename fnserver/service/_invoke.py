@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Final
 
+from .._quotas import QuotaBook, UsageTable
 from ..config import ServerConfig
 from ..exec import ExecPool, InvokeJob, Limits
 from ..protocol import (
@@ -29,10 +30,21 @@ REPLY_ENVELOPE: Final = 4096
 class InvokeService:
     """PROTOCOL.md §5.8."""
 
-    def __init__(self, registry: Registry, pool: ExecPool, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        pool: ExecPool,
+        config: ServerConfig,
+        quotas: QuotaBook | None = None,
+        usage: UsageTable | None = None,
+    ) -> None:
         self.registry = registry
         self.pool = pool
         self.config = config
+        #: Tenant quotas on calls (None: not counted here, as in the control process, whose
+        #: calls were counted by the serving process that relayed them).
+        self.quotas = quotas
+        self.usage = usage
 
     async def invoke(self, ctx: RequestContext, req: InvokeRequest) -> InvokeResult:
         """Run one call; guest failures raise the matching FnError."""
@@ -57,15 +69,19 @@ class InvokeService:
                 f" '{info.name}' version {info.version}; a call may lower it, not raise it",
                 {"timeout_ms": limit, "name": info.name, "version": info.version},
             )
-        job = self._job(info, mode, req)
+        tenant = ctx.caller.tenant
+        job = self._job(info, mode, req, tenant)
+        quota = self.quotas.limits(tenant) if self.quotas is not None else None
+        metered = self.usage is not None and quota is not None and quota.metered
+        if metered:
+            assert self.usage is not None and quota is not None
+            self.usage.enter(tenant, quota)  # QUOTA_EXCEEDED: over its concurrency or rate
         try:
-            result = await self.pool.invoke(job)
-        except (InternalError, InvalidArgumentError, OSError) as exc:
-            # The version may have been deleted (here or by another serving process) between
-            # the resolve and the exec layer opening its artifact: its files are gone. That is
-            # NOT_FOUND, as if the delete had come first; a file that moved is run from there.
-            retry = await self._after_failure(info, mode, job, exc)
-            result = await self.pool.invoke(retry)
+            result = await self._run(info, mode, job)
+        finally:
+            if metered:
+                assert self.usage is not None
+                self.usage.leave(tenant)
         # Output and stderr are each capped at output_bytes; stderr gives way so that the reply
         # always fits in one frame.
         room = max(0, c.max_frame - len(result.output) - REPLY_ENVELOPE)
@@ -73,7 +89,17 @@ class InvokeService:
             result = replace(result, stderr=result.stderr[:room])
         return result
 
-    def _job(self, info: VersionInfo, mode: ArtifactKind, req: InvokeRequest) -> InvokeJob:
+    async def _run(self, info: VersionInfo, mode: ArtifactKind, job: InvokeJob) -> InvokeResult:
+        try:
+            return await self.pool.invoke(job)
+        except (InternalError, InvalidArgumentError, OSError) as exc:
+            # The version may have been deleted (here or by another serving process) between
+            # the resolve and the exec layer opening its artifact: its files are gone. That is
+            # NOT_FOUND, as if the delete had come first; a file that moved is run from there.
+            retry = await self._after_failure(info, mode, job, exc)
+            return await self.pool.invoke(retry)
+
+    def _job(self, info: VersionInfo, mode: ArtifactKind, req: InvokeRequest, tenant: str) -> InvokeJob:
         limits = info.limits
         return InvokeJob(
             function=info.name,
@@ -89,6 +115,7 @@ class InvokeService:
                 fuel=limits.fuel if mode == "wasm" else None,
                 output_bytes=self.config.output_bytes,
             ),
+            tenant=tenant,
         )
 
     async def _after_failure(

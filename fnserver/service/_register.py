@@ -17,6 +17,7 @@ from typing import Final
 
 import aiofiles
 
+from .._quotas import BuildCounter, QuotaBook
 from ..artifacts import sha256_file
 from ..builder import KINDS, Builder
 from ..config import ServerConfig
@@ -153,11 +154,21 @@ class UploadSink:
 class RegisterService:
     """Stage, build, precompile and commit one new version."""
 
-    def __init__(self, registry: Registry, builder: Builder, pool: ExecPool, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        builder: Builder,
+        pool: ExecPool,
+        config: ServerConfig,
+        quotas: QuotaBook | None = None,
+    ) -> None:
         self.registry = registry
         self.builder = builder
         self.pool = pool
         self.config = config
+        #: Tenant quotas (the Services facade's book) and the builds running per tenant.
+        self.quotas = quotas if quotas is not None else QuotaBook(config.tenant_limits)
+        self.builds = BuildCounter()
 
     def open_upload(
         self, ctx: RequestContext, req: RegisterRequest, on_backlog: Callable[[bool], None]
@@ -189,8 +200,16 @@ class RegisterService:
         The wasm compile starts the moment the build has placed the wasm module (for Go, while
         the native build still runs); on any failure it is cancelled and awaited, and its own
         error counts only if the build succeeded. A failure at any step leaves nothing
-        behind: the staging directory goes in every case.
+        behind: the staging directory goes in every case. A tenant over its builds quota is
+        refused before anything is staged.
         """
+        tenant = ctx.caller.tenant
+        with self.builds.hold(tenant, self.quotas.limits(tenant)):
+            return await self._register(ctx, req, sink, progress)
+
+    async def _register(
+        self, ctx: RequestContext, req: RegisterRequest, sink: UploadSink, progress: Progress
+    ) -> VersionInfo:
         c = self.config
         try:
             await sink.started()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from .. import __version__
+from .._quotas import LocalUsage, QuotaBook, SharedUsage, UsageTable
 from ..builder import Builder
 from ..config import ServerConfig
 from ..exec import ExecPool
@@ -38,6 +39,8 @@ class Services:
         self.config = config
         self.registry = registry
         self.pool = pool
+        #: Every tenant's quotas: the flags' defaults, with the auth file's overrides.
+        self.quotas = QuotaBook(config.tenant_limits)
         self.functions: FunctionService
         self.registrations: RegisterService
         if link is not None:  # a serving process under the supervisor: writes are relayed
@@ -46,12 +49,18 @@ class Services:
         else:
             assert builder is not None
             self.functions = FunctionService(registry)
-            self.registrations = RegisterService(registry, builder, pool, config)
-        self.invocations: InvokeService = (
-            NativeOnlyInvokeService(registry, pool, config)
-            if config.role == "control"
-            else InvokeService(registry, pool, config)
-        )
+            self.registrations = RegisterService(registry, builder, pool, config, self.quotas)
+        self.usage: UsageTable | None = None
+        if config.role == "control":
+            # Its invokes are native calls the serving processes relay, counted there.
+            self.invocations: InvokeService = NativeOnlyInvokeService(registry, pool, config)
+        else:
+            self.usage = (
+                SharedUsage(config.usage_fd, config.usage_column)
+                if config.usage_fd is not None
+                else LocalUsage()
+            )
+            self.invocations = InvokeService(registry, pool, config, self.quotas, self.usage)
 
     def hello(self) -> HelloReply:
         """What this server speaks and allows (PROTOCOL.md §4)."""

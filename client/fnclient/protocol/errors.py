@@ -20,6 +20,7 @@ __all__ = [
     "MemoryLimitError",
     "NotFoundError",
     "ProtocolError",
+    "QuotaExceededError",
     "ResourceExhaustedError",
     "TooLargeError",
     "TrapError",
@@ -115,6 +116,13 @@ class ResourceExhaustedError(FnError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class QuotaExceededError(FnError):
+    """The caller's tenant is over one of its quotas; ``details`` name the quota, its limit and
+    the current use."""
+
+    code = "QUOTA_EXCEEDED"
+
+
 class ProtocolError(FnError):
     """A frame broke the wire protocol; the connection is closed after this error."""
 
@@ -147,6 +155,7 @@ ERROR_CLASSES: dict[str, type[FnError]] = {
         TrapError,
         UnavailableError,
         ResourceExhaustedError,
+        QuotaExceededError,
         ProtocolError,
         UnauthenticatedError,
         InternalError,

@@ -47,7 +47,9 @@ def parse_command(argv: list[str] | None = None) -> Command:
     p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
     p.add_argument("--port", type=int, default=d.port, help=f"TCP port, 0 for any (default {d.port})")
     p.add_argument("--data-dir", type=Path, default=d.data_dir, help="where functions are stored (default ./functions)")
-    p.add_argument("--token", default=None, help="shared secret clients must send in HELLO (default: none)")
+    p.add_argument("--auth-file", type=Path, default=None, help="tokens, tenants and tenant quotas (default <data-dir>/auth.toml; edit with 'fnserver token')")
+    p.add_argument("--insecure", action="store_true", help="serve a non-loopback address even though no token exists (anyone who reaches the port may run code)")
+    p.add_argument("--token", default=None, help=argparse.SUPPRESS)  # deprecated: visible in /proc; FNSERVER_TOKEN
     p.add_argument("--processes", type=int, default=None, help="serving processes sharing the port, restarted if they die (default: one per CPU)")
     p.add_argument("--slots", type=int, default=d.wasm_slots, help=f"wasm calls running at once per serving process (default {d.wasm_slots})")
     p.add_argument("--slots-per-function", type=int, default=None, help="wasm calls of one function running at once per serving process (default: a quarter of --slots)")
@@ -111,11 +113,22 @@ def parse_command(argv: list[str] | None = None) -> Command:
             p.error(f"--{flag.replace('_', '-')} must be more than 0")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     processes = a.processes or os.cpu_count() or 1
+    shared = os.environ.get("FNSERVER_TOKEN") or None
+    if a.token:
+        if a.role is None:  # say it once, in the supervisor, not in every process it starts
+            logging.getLogger("fnserver").warning(
+                "--token is deprecated: every local user can read it in /proc/PID/cmdline."
+                " Create tokens with 'fnserver token add TENANT ROLE', or put a shared secret in"
+                " FNSERVER_TOKEN"
+            )
+        shared = a.token
     config = ServerConfig(
         host=a.host,
         port=a.port,
         data_dir=a.data_dir,
-        token=a.token,
+        token=shared,
+        auth_file=a.auth_file,
+        insecure=a.insecure,
         processes=processes,
         wasm_slots=a.slots,
         wasm_per_function=a.slots_per_function,
@@ -202,19 +215,29 @@ async def _serve(config: ServerConfig, ready_fd: int | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fnserver`` console script: the supervisor, or (started by it with
     ``--serve-fd``) one serving process."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["token"]:
+        from ._tokencli import token_main
+
+        sys.exit(token_main(args[1:]))
     cmd = parse_command(argv)
     config = cmd.config
     if config.listen_fd is None:
+        from .auth import exposure_problem
         from .supervisor import Supervisor
 
-        args = list(sys.argv[1:] if argv is None else argv)
+        problem = exposure_problem(config)
+        if problem is not None:
+            print(f"fnserver: {problem}", file=sys.stderr)
+            sys.exit(2)
+
         sys.exit(Supervisor(config, cmd.processes, args).run())
     from .transport import big_blocks_from_mmap
 
     big_blocks_from_mmap()
     if cmd.secret_fd is not None:
         secret = _read_secret(cmd.secret_fd)
-        config = replace(config, control_token=secret, token=secret if config.role == "control" else config.token)
+        config = replace(config, control_token=secret)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it

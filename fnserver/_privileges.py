@@ -57,6 +57,13 @@ def drop_root(config: ServerConfig) -> Dropped:
     uid = uids[0]
     data_fd = os.open(config.data_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     modules_fd = os.open(config.modules_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    held = [data_fd, modules_fd]
+    if config.auth_file is not None:
+        # The auth file is read again before every request (a revoke applies at once): hold
+        # its directory, which may be private to root, like the data directory's.
+        auth_fd = os.open(config.auth_file.absolute().parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        held.append(auth_fd)
+        config = replace(config, auth_file=Path(f"/proc/self/fd/{auth_fd}") / config.auth_file.name)
     config = replace(
         config,
         data_dir=Path(f"/proc/self/fd/{data_fd}"),
@@ -72,5 +79,5 @@ def drop_root(config: ServerConfig) -> Dropped:
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
     log.info("serving process %d runs as uid %d, without capabilities", os.getpid(), uid)
-    return Dropped(config, uid, (*locks, data_fd, modules_fd, *path_fds))
+    return Dropped(config, uid, (*locks, *held, *path_fds))
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
 from .protocol import CHUNK_SIZE, DEFAULT_MAX_FRAME
 
-__all__ = ["ServerConfig", "TenantLimits"]
+__all__ = ["ServerConfig", "TenantLimits", "is_loopback"]
 
 MiB = 1024 * 1024
 
@@ -46,7 +47,13 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: Path = Path("./functions")
+    #: A secret every client may send instead of a token (FNSERVER_TOKEN): the caller is then
+    #: the default tenant's admin. Tokens (the auth file) are the way to give out access.
     token: str | None = None
+    #: Tokens, tenants and per-tenant quotas (``fnserver/auth.py``); None: <data-dir>/auth.toml.
+    auth_file: Path | None = None
+    #: Serve a non-loopback address without any token (refused otherwise).
+    insecure: bool = False
     max_frame: int = DEFAULT_MAX_FRAME
     max_upload: int = 64 * MiB
     chunk_size: int = CHUNK_SIZE
@@ -132,6 +139,17 @@ class ServerConfig:
     usage_column: int | None = None
 
     @property
+    def auth_path(self) -> Path:
+        """The auth file: ``--auth-file``, or ``auth.toml`` in the data directory."""
+        return self.auth_file if self.auth_file is not None else self.data_dir / "auth.toml"
+
+    @property
+    def open_ok(self) -> bool:
+        """Whether this server may serve clients without tokens: on loopback, or when the
+        operator said ``--insecure``."""
+        return self.insecure or is_loopback(self.host)
+
+    @property
     def modules_dir(self) -> Path:
         """Where precompiled modules are cached, keyed by artifact digest and engine settings."""
         return self.compile_cache_dir if self.compile_cache_dir is not None else self.cache_dir / "modules"
@@ -140,3 +158,13 @@ class ServerConfig:
     def cache_dir(self) -> Path:
         """Where builds keep their caches: beside the functions unless configured."""
         return self.build_cache_dir if self.build_cache_dir is not None else self.data_dir / ".cache"
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` is a loopback address (or ``localhost``): only this machine reaches it."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name, or "" (every interface): assume the world can reach it

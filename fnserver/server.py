@@ -15,6 +15,8 @@ from dataclasses import replace
 from typing import Any
 
 from . import __version__
+from ._quotas import QuotaBook
+from .auth import auth_book_for
 from .builder import Builder
 from .config import ServerConfig
 from .exec import ExecPool
@@ -94,7 +96,11 @@ class FnServer:
                 max_artifact=config.max_artifact,
                 slots=heavy,
             )
-        self.services = Services(config, self.registry, self.pool, self.builder, self.link)
+        quotas = QuotaBook(config.tenant_limits)
+        self.services = Services(
+            config, self.registry, self.pool, self.builder, self.link,
+            quotas=quotas, auth=auth_book_for(config, quotas),
+        )
         self.tcp = TcpFront(config, self.services)
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False

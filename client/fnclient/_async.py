@@ -29,6 +29,7 @@ from .protocol import (
     FnError,
     FrameDecoder,
     GetRequest,
+    Identity,
     InternalError,
     InvalidArgumentError,
     InvokeRequest,
@@ -408,6 +409,11 @@ class AsyncClient:
     async def ping(self) -> None:
         """Round-trip a ``ping`` (§5.1)."""
         await self._request(PingRequest())
+
+    async def whoami(self) -> Identity:
+        """The tenant and role the server took this client's token for (HELLO's reply, §4)."""
+        await self.connect()
+        return Identity.from_hello(self.server_info)
 
     async def register(
         self,

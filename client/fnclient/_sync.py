@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from ._async import AsyncClient, ProgressCallback, Source
 from ._results import InvokeResult
-from .protocol import UnavailableError
+from .protocol import Identity, UnavailableError
 
 __all__ = ["Client"]
 
@@ -92,6 +92,10 @@ class Client:
     def ping(self) -> None:
         """See :meth:`AsyncClient.ping`."""
         self._run(self._async.ping())
+
+    def whoami(self) -> Identity:
+        """See :meth:`AsyncClient.whoami`."""
+        return self._run(self._async.whoami())
 
     def register(
         self,

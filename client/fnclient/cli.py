@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"server address (default: $FN_SERVER or {DEFAULT_SERVER})",
     )
     common.add_argument(
-        "--token", default=argparse.SUPPRESS, help="shared secret (default: $FN_TOKEN)"
+        "--token", default=argparse.SUPPRESS, help="your token (default: $FN_TOKEN)"
     )
 
     parser = argparse.ArgumentParser(
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     sub.add_parser("ping", parents=[common], help="check the server answers")
+
+    p = sub.add_parser("whoami", parents=[common], help="show the tenant and role of your token")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -392,6 +395,19 @@ async def _cmd_ping(client: AsyncClient, ns: argparse.Namespace) -> int:
     return 0
 
 
+async def _cmd_whoami(client: AsyncClient, ns: argparse.Namespace) -> int:
+    me = await client.whoami()
+    if ns.json:
+        print(json.dumps(me.to_wire()))
+        return 0
+    info = client.server_info
+    print(f"tenant  {me.tenant}")
+    print(f"role    {me.role}")
+    print(f"token   {me.token_id or '(none: this server needs no token)'}")
+    print(f"server  {ns.server} ({info.get('server', '?')} {info.get('server_version', '?')})")
+    return 0
+
+
 _COMMANDS: Final = {
     "register": _cmd_register,
     "invoke": _cmd_invoke,
@@ -400,6 +416,7 @@ _COMMANDS: Final = {
     "delete": _cmd_delete,
     "alias": _cmd_alias,
     "ping": _cmd_ping,
+    "whoami": _cmd_whoami,
 }
 
 

@@ -6,7 +6,8 @@ record; none knows a socket, a frame or an HTTP header. See docs/ARCHITECTURE.md
 
 from __future__ import annotations
 
-from ._context import DEFAULT_TENANT, Caller, RequestContext
+from ._access import audit_event, audit_refused_hello, authorize
+from ._context import DEFAULT_TENANT, ROLES, Caller, RequestContext
 from ._control import ControlLink
 from ._functions import FunctionService
 from ._invoke import InvokeService
@@ -15,6 +16,7 @@ from ._services import Services
 
 __all__ = [
     "DEFAULT_TENANT",
+    "ROLES",
     "Caller",
     "ControlLink",
     "FunctionService",
@@ -24,4 +26,7 @@ __all__ = [
     "RequestContext",
     "Services",
     "UploadSink",
+    "audit_event",
+    "audit_refused_hello",
+    "authorize",
 ]

@@ -11,17 +11,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Final
 
-__all__ = ["DEFAULT_TENANT", "Caller", "RequestContext"]
+__all__ = ["DEFAULT_TENANT", "ROLES", "Caller", "RequestContext"]
 
 #: Every function belongs to a tenant; until tenants exist (the tenants issue) there is one.
 DEFAULT_TENANT: Final = "default"
+#: What a token may do (``service/_access.py``): admin (every tenant, everything), deployer
+#: (its tenant: register, alias, delete, invoke, read), invoker (its tenant: invoke, read).
+ROLES: Final = ("admin", "deployer", "invoker")
 
 _ids = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """An authenticated identity: ``token_id`` names the credential (never the secret)."""
+    """An authenticated identity: ``token_id`` names the credential (never the secret); None
+    on a server without tokens, where every caller is the default tenant's admin."""
 
     token_id: str | None = None
     tenant: str = DEFAULT_TENANT

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, TypeVar
 
 from .. import __version__
 from .._quotas import LocalUsage, QuotaBook, SharedUsage, UsageTable
@@ -22,25 +24,38 @@ from ..protocol import (
     ServerLimits,
 )
 from ..registry import Registry
-from ._context import RequestContext
+from ._access import audit_event, authorize
+from ._context import Caller, RequestContext
 from ._control import ControlLink, RelayedFunctionService, RelayedRegisterService
 from ._functions import FunctionService, fresh
 from ._invoke import InvokeService
 from ._register import RegisterService
 
+if TYPE_CHECKING:
+    from ..auth import AuthBook
+
 __all__ = ["Services"]
+
+_R = TypeVar("_R")
 
 
 class Services:
     """The use cases of one serving process, over its registry, exec pool and builder."""
 
     def __init__(self, config: ServerConfig, registry: Registry, pool: ExecPool,
-                 builder: Builder | None, link: ControlLink | None = None) -> None:
+                 builder: Builder | None, link: ControlLink | None = None, *,
+                 quotas: QuotaBook | None = None, auth: AuthBook | None = None) -> None:
         self.config = config
         self.registry = registry
         self.pool = pool
         #: Every tenant's quotas: the flags' defaults, with the auth file's overrides.
-        self.quotas = QuotaBook(config.tenant_limits)
+        self.quotas = quotas if quotas is not None else QuotaBook(config.tenant_limits)
+        if auth is None:
+            from ..auth import AuthBook  # here: fnserver.auth imports this package
+
+            auth = AuthBook(None)
+        #: Who may connect, as the auth file says now (``fnserver/auth.py``).
+        self.auth = auth
         self.functions: FunctionService
         self.registrations: RegisterService
         if link is not None:  # a serving process under the supervisor: writes are relayed
@@ -62,8 +77,26 @@ class Services:
             )
             self.invocations = InvokeService(registry, pool, config, self.quotas, self.usage)
 
-    def hello(self) -> HelloReply:
-        """What this server speaks and allows (PROTOCOL.md §4)."""
+    def authorize(self, ctx: RequestContext, op: str) -> None:
+        """Raise PermissionDeniedError if the caller's role may not do ``op`` (``_access.py``)."""
+        authorize(ctx.caller, op)
+
+    async def audited(self, ctx: RequestContext, op: str, name: str, work: Awaitable[_R]) -> _R:
+        """Run a write (register, alias, delete) and leave an audit line with its outcome."""
+        try:
+            reply = await work
+        except BaseException as exc:
+            code = getattr(exc, "code", None) or type(exc).__name__
+            audit_event(ctx, op, code, function=name)
+            raise
+        deleted = getattr(reply, "deleted", None)
+        version = ",".join(map(str, deleted)) if deleted is not None else getattr(reply, "version", None)
+        audit_event(ctx, op, "ok", function=name, version=version)
+        return reply
+
+    def hello(self, caller: Caller | None = None) -> HelloReply:
+        """What this server speaks and allows, and whom it took the caller for (§4)."""
+        caller = caller or Caller()
         c = self.config
         return HelloReply(
             server="fnserver",
@@ -80,6 +113,9 @@ class Services:
                 output_bytes=c.output_bytes,
             ),
             pid=os.getpid(),
+            tenant=caller.tenant,
+            role=caller.role,
+            token_id=caller.token_id,
         )
 
     async def ping(self, ctx: RequestContext, req: PingRequest) -> PingReply:

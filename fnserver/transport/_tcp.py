@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import ctypes
 import errno
-import hmac
 import itertools
 import logging
 import socket
@@ -45,7 +44,7 @@ from ..protocol import (
     encode_response,
     parse_request,
 )
-from ..service import Caller, RequestContext, Services, UploadSink
+from ..service import Caller, RequestContext, Services, UploadSink, audit_event, audit_refused_hello
 from ._lag import LagMonitor
 
 __all__ = ["DISPATCHED_OPS", "TcpFront", "big_blocks_from_mmap"]
@@ -68,8 +67,8 @@ _HANDLERS: Final[Mapping[str, _Handler]] = {
     "ping": lambda s, ctx, req: s.ping(ctx, req),
     "list": lambda s, ctx, req: s.functions.list(ctx, req),
     "get": lambda s, ctx, req: s.functions.get(ctx, req),
-    "delete": lambda s, ctx, req: s.functions.delete(ctx, req),
-    "alias": lambda s, ctx, req: s.functions.alias(ctx, req),
+    "delete": lambda s, ctx, req: s.audited(ctx, "delete", req.name, s.functions.delete(ctx, req)),
+    "alias": lambda s, ctx, req: s.audited(ctx, "alias", req.name, s.functions.alias(ctx, req)),
     "invoke": lambda s, ctx, req: s.invocations.invoke(ctx, req),
     "compile": lambda s, ctx, req: s.compile(ctx, req),
 }
@@ -650,7 +649,17 @@ class Connection(asyncio.Protocol):
         except FnError as err:
             self._send(encode_error(req_id, err))
             return
+        if not self.services.auth.still_valid(self.caller):
+            # Revoked (or the server now wants tokens): refused from the next request on.
+            audit_event(RequestContext(self.caller, peer=self.peer), "request_refused", "UNAUTHENTICATED", operation=op)
+            self._fail_connection(UnauthenticatedError("the token of this connection was revoked"), req_id)
+            return
         ctx = RequestContext.new(self.caller, peer=self.peer, tag=f"{self.tag}.{req_id}")
+        try:
+            self.services.authorize(ctx, op)
+        except FnError as err:
+            self._send(encode_error(req_id, err))
+            return
         if op == "register":
             self._start_register(req_id, ctx, req)
             return
@@ -672,15 +681,14 @@ class Connection(asyncio.Protocol):
                 req_id,
             )
             return
-        want = self.config.token
-        if want is not None:
-            got_token = hello.token
-            if got_token is None or not hmac.compare_digest(got_token.encode(), want.encode()):
-                self._fail_connection(UnauthenticatedError("missing or wrong token"), req_id)
-                return
-        self.caller = Caller()
+        who = self.services.auth.authenticate(hello.token)
+        if not isinstance(who, Caller):
+            audit_refused_hello(self.peer, who.token_id, "missing" if hello.token is None else "invalid")
+            self._fail_connection(UnauthenticatedError(who.message), req_id)
+            return
+        self.caller = who
         self.decoder.max_frame = self.config.max_frame  # the limit HELLO's reply announces
-        self._send(encode_response(req_id, self.services.hello().to_wire()))
+        self._send(encode_response(req_id, self.services.hello(who).to_wire()))
 
     def _start_register(self, req_id: int, ctx: RequestContext, req: RegisterRequest) -> None:
         limit = self.config.max_registers_per_connection
@@ -714,7 +722,9 @@ class Connection(asyncio.Protocol):
 
         async def register() -> _Reply:
             try:
-                return await self.services.registrations.register(ctx, req, sink, progress)
+                return await self.services.audited(
+                    ctx, "register", req.name, self.services.registrations.register(ctx, req, sink, progress)
+                )
             finally:
                 self._registers -= 1
                 self._uploads.pop(req_id, None)

@@ -39,6 +39,7 @@ __all__ = [
     "GetReply",
     "GetRequest",
     "HelloReply",
+    "Identity",
     "HelloRequest",
     "InvokeRequest",
     "InvokeResult",
@@ -235,11 +236,19 @@ class HelloReply:
     limits: ServerLimits
     #: The serving process that holds this connection (several share the port).
     pid: int = 0
+    #: Who the server took this connection for (the token's tenant and role; without tokens,
+    #: the default tenant as admin) and the token's id (never the token; None without one).
+    tenant: str = "default"
+    role: str = "admin"
+    token_id: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "server": self.server,
             "pid": self.pid,
+            "tenant": self.tenant,
+            "role": self.role,
+            "token_id": self.token_id,
             "server_version": self.server_version,
             "protocol": self.protocol,
             "max_frame": self.max_frame,
@@ -247,6 +256,29 @@ class HelloReply:
             "chunk_size": self.chunk_size,
             "limits": self.limits.to_wire(),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Whom the server took a connection for (from HELLO's reply, §4): ``fn whoami``."""
+
+    tenant: str
+    role: str
+    token_id: str | None = None
+
+    @classmethod
+    def from_hello(cls, hello: Mapping[str, Any]) -> Identity:
+        """Read the identity fields of a HELLO reply (an older server sends none: the
+        default tenant's admin, which is what it treated everyone as)."""
+        tenant, role, token_id = hello.get("tenant"), hello.get("role"), hello.get("token_id")
+        return cls(
+            tenant=tenant if isinstance(tenant, str) else "default",
+            role=role if isinstance(role, str) else "admin",
+            token_id=token_id if isinstance(token_id, str) else None,
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"tenant": self.tenant, "role": self.role, "token_id": self.token_id}
 
 
 # -- §5.1 ping --------------------------------------------------------------------------------

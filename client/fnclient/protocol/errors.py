@@ -19,6 +19,7 @@ __all__ = [
     "InvalidArgumentError",
     "MemoryLimitError",
     "NotFoundError",
+    "PermissionDeniedError",
     "ProtocolError",
     "QuotaExceededError",
     "ResourceExhaustedError",
@@ -116,6 +117,13 @@ class ResourceExhaustedError(FnError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class PermissionDeniedError(FnError):
+    """The caller is authenticated but its role does not allow the operation; ``details``
+    name the role and the operation."""
+
+    code = "PERMISSION_DENIED"
+
+
 class QuotaExceededError(FnError):
     """The caller's tenant is over one of its quotas; ``details`` name the quota, its limit and
     the current use."""
@@ -155,6 +163,7 @@ ERROR_CLASSES: dict[str, type[FnError]] = {
         TrapError,
         UnavailableError,
         ResourceExhaustedError,
+        PermissionDeniedError,
         QuotaExceededError,
         ProtocolError,
         UnauthenticatedError,

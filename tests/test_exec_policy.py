@@ -231,6 +231,30 @@ def test_recent_time_is_an_average_and_bounded() -> None:
     assert s.recent_s("f") is None  # the oldest forgotten
 
 
+def test_a_tenant_keeps_to_its_share_while_another_waits() -> None:
+    s = make(("w0", "w1", "w2", "w3"), per_function=1)
+    # One tenant spreads a flood over many functions: alone, it may use every worker.
+    flood = [Ticket(f"a{i}", f"a{i}", group="acme") for i in range(6)]
+    placements = [p for ticket in flood for p in s.submit(ticket)]
+    assert len(placements) == 4 and s.queued == 2
+    other = Ticket("echo", "b", group="globex")
+    assert s.submit(other) == []  # every worker busy
+    # The first worker to free goes to the other tenant, although acme's calls queued first:
+    # acme holds 3 of 4 workers, more than its half.
+    first = placements[0]
+    assert placed(s.finished(first.worker, first.ticket, LONG)) == [("b", first.worker)]
+    # With nobody else waiting, acme takes the next free worker again.
+    second = placements[1]
+    assert placed(s.finished(second.worker, second.ticket, LONG)) == [("a4", second.worker)]
+    # Withdrawn and drained calls leave the counts straight.
+    s.withdraw(flood[5])
+    assert s.queued == 0 and s.drain() == []
+    later = Ticket("other", "b2", group="globex")
+    assert s.submit(later) == [] and s.queued == 1
+    third = placements[2]
+    assert placed(s.finished(third.worker, third.ticket, LONG)) == [("b2", third.worker)]
+
+
 def test_bad_config_and_duplicate_worker() -> None:
     with pytest.raises(ValueError):
         Scheduler(PolicyConfig(per_function=0, max_queue=1))

@@ -21,6 +21,10 @@ The rules (each a test in tests/test_exec_policy.py):
   ``pipeline_budget_s`` in all), so the worker goes from one call to the next without
   waiting for the parent. Queued calls are pipelined in FIFO order up to the first one that
   may run but may not be pipelined: nothing overtakes it.
+- Tenants' shares: while another tenant has calls waiting, a tenant already holding its share
+  of the workers (the workers divided among the tenants with calls running or waiting, at least
+  one) gets no further worker, however many functions it spreads its calls over. With nobody
+  else waiting it may use them all.
 - A worker that dies frees the places of every call it held.
 """
 
@@ -60,11 +64,12 @@ class PolicyConfig:
 
 @dataclass(eq=False)
 class Ticket(Generic[P]):
-    """One call to place: ``key`` is the function it counts against, ``payload`` the
-    caller's own (opaque here)."""
+    """One call to place: ``key`` is the function it counts against, ``group`` its tenant,
+    ``payload`` the caller's own (opaque here)."""
 
     key: str
     payload: P
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,9 @@ class Scheduler(Generic[W, P]):
         self._idle: list[W] = []  # most recently used last: its caches are hottest
         self._queue: deque[Ticket[P]] = deque()
         self._running: Counter[str] = Counter()
+        #: Calls placed and calls queued, per tenant (the shares rule).
+        self._group_running: Counter[str] = Counter()
+        self._group_queued: Counter[str] = Counter()
         self._recent_s: OrderedDict[str, float] = OrderedDict()
 
     # -- observation ------------------------------------------------------------------------
@@ -153,7 +161,7 @@ class Scheduler(Generic[W, P]):
             self._idle.remove(worker)
         held = list(state.held)
         for ticket in held:
-            self._release(ticket.key)
+            self._release(ticket)
         if held and head_seconds is not None:
             self._note_time(held[0].key, head_seconds)
         return held, self._pump()
@@ -168,19 +176,20 @@ class Scheduler(Generic[W, P]):
                 return [self._place(ticket, target)]
         if len(self._queue) >= self.config.max_queue:
             raise QueueFull(len(self._queue), self.config.max_queue)
-        self._queue.append(ticket)
+        self._enqueue(ticket)
         return self._pump()
 
     def drain(self) -> list[Ticket[P]]:
         """Empty the FIFO (the pool is closing); return what waited there, in order."""
         queued, self._queue = list(self._queue), deque()
+        self._group_queued.clear()
         return queued
 
     def withdraw(self, ticket: Ticket[P]) -> list[Placement[W, P]]:
         """Take a queued call out (its caller gave up); no-op if it is not queued. Returns
         the placements its leaving allowed (it may have been blocking a pipelined one)."""
         try:
-            self._queue.remove(ticket)
+            self._dequeue(ticket)
         except ValueError:
             return []
         return self._pump()
@@ -197,7 +206,7 @@ class Scheduler(Generic[W, P]):
             state.held.remove(ticket)
         except ValueError:
             return []
-        self._release(ticket.key)
+        self._release(ticket)
         if seconds is not None:
             self._note_time(ticket.key, seconds)
         if not state.held and worker not in self._idle:
@@ -206,10 +215,29 @@ class Scheduler(Generic[W, P]):
 
     # -- the rules --------------------------------------------------------------------------
 
-    def _release(self, key: str) -> None:
-        self._running[key] -= 1
-        if self._running[key] <= 0:
-            del self._running[key]
+    def _release(self, ticket: Ticket[P]) -> None:
+        for counter, key in ((self._running, ticket.key), (self._group_running, ticket.group)):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
+
+    def _enqueue(self, ticket: Ticket[P]) -> None:
+        self._queue.append(ticket)
+        self._group_queued[ticket.group] += 1
+
+    def _dequeue(self, ticket: Ticket[P]) -> None:
+        self._queue.remove(ticket)
+        self._group_queued[ticket.group] -= 1
+        if self._group_queued[ticket.group] <= 0:
+            del self._group_queued[ticket.group]
+
+    def _within_share(self, group: str) -> bool:
+        """False if ``group`` holds its share of the workers while another tenant waits."""
+        if len(self._group_queued) <= (1 if group in self._group_queued else 0):
+            return True  # nobody else is waiting
+        tenants = len(self._group_running.keys() | self._group_queued.keys())
+        share = max(1, len(self._workers) // tenants)
+        return self._group_running[group] < share
 
     def _note_time(self, key: str, seconds: float) -> None:
         old = self._recent_s.pop(key, None)
@@ -253,6 +281,7 @@ class Scheduler(Generic[W, P]):
     def _place(self, ticket: Ticket[P], worker: W) -> Placement[W, P]:
         self._workers[worker].held.append(ticket)
         self._running[ticket.key] += 1
+        self._group_running[ticket.group] += 1
         return Placement(ticket, worker)
 
     def _pump(self) -> list[Placement[W, P]]:
@@ -265,20 +294,20 @@ class Scheduler(Generic[W, P]):
             for ticket in list(self._queue):
                 if not self._idle:
                     break
-                if not self._may_run(ticket.key, borrow=borrow):
+                if not self._may_run(ticket.key, borrow=borrow) or not self._within_share(ticket.group):
                     continue
-                self._queue.remove(ticket)
+                self._dequeue(ticket)
                 out.append(self._place(ticket, self._pick_idle()))
         if self._idle:
             return out
         # Third pass, every worker busy: queue short calls behind short running ones, in FIFO
         # order up to the first call that may run but not be pipelined (no overtaking it).
         for ticket in list(self._queue):
-            if not self._may_run(ticket.key, borrow=True):
+            if not self._may_run(ticket.key, borrow=True) or not self._within_share(ticket.group):
                 continue
             target = self._pipeline_target(ticket.key)
             if target is None:
                 break
-            self._queue.remove(ticket)
+            self._dequeue(ticket)
             out.append(self._place(ticket, target))
         return out

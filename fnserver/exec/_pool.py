@@ -327,12 +327,13 @@ class ExecPool:
                 continue
             waiter.fut.set_result(p.worker.submit(p.ticket, waiter.frame, waiter.timeout_s))
 
-    async def _submit(self, key: str, frame: bytes, timeout_s: float) -> Call:
-        """Write a job to a worker now, or queue it until one may take it."""
+    async def _submit(self, key: str, frame: bytes, timeout_s: float, tenant: str = "") -> Call:
+        """Write a job to a worker now, or queue it until one may take it (``tenant``: whose
+        share of the workers it counts against)."""
         if self._closed or not self._started:
             raise UnavailableError("the exec pool is not running")
         fut: asyncio.Future[Call] = asyncio.get_running_loop().create_future()
-        ticket = Ticket(key, _Waiter(frame, timeout_s, fut))
+        ticket = Ticket(key, _Waiter(frame, timeout_s, fut), group=tenant)
         try:
             placements = self._sched.submit(ticket)
         except QueueFull as exc:
@@ -456,7 +457,7 @@ class ExecPool:
         frame = encode_frame(request.to_wire())
         timeout_s = lim.timeout_ms / 1000 + NATIVE_GRACE_S
         for _attempt in range(NOT_STARTED_RETRIES + 1):
-            call = await self._submit(job.function, frame, timeout_s)
+            call = await self._submit(job.function, frame, timeout_s, job.tenant)
             try:
                 reply = await self._wait(call)
             except NotStarted:

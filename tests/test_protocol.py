@@ -190,7 +190,7 @@ def test_valid_names(name: str) -> None:
     assert check_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "A", "-a", "_a", "x" * 64, "../x", "a/b", "a.b", ".hidden", None, 3])
+@pytest.mark.parametrize("name", ["", "A", "-a", "_a", "x" * 64, "../x", "a/b/c", "a+b", "/b", "a/", "a.b", ".hidden", None, 3])
 def test_invalid_names(name: object) -> None:
     with pytest.raises(InvalidArgumentError):
         check_name(name)

@@ -335,7 +335,7 @@ async def test_delete_removes_dangling_aliases(
 # -- names ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["../x", "A", "", "x" * 64, ".hidden", ".staging", "a/b", "-x"])
+@pytest.mark.parametrize("name", ["../x", "A", "", "x" * 64, ".hidden", ".staging", "a/b/c", "a+b", "/b", "-x"])
 async def test_invalid_names_touch_nothing(reg: Registry, name: str) -> None:
     await upload(reg, "ok")
     await reg.set_alias("ok", "prod", 1)
@@ -399,6 +399,7 @@ async def test_list_and_get(reg: Registry) -> None:
         "functions": [
             {
                 "name": "alpha",
+                "tenant": "default",
                 "latest": 2,
                 "versions": [1, 2],
                 "aliases": {"prod": 1},
@@ -407,6 +408,7 @@ async def test_list_and_get(reg: Registry) -> None:
             },
             {
                 "name": "zeta",
+                "tenant": "default",
                 "latest": 1,
                 "versions": [1],
                 "aliases": {},
@@ -695,3 +697,26 @@ async def test_stale_tells_without_io_that_another_writer_changed_something(
     with pytest.raises(NotFoundError):
         other.resolve("f", "prod")
     assert not other.stale()
+
+
+async def test_a_tenants_key_is_a_function_of_its_own(
+    reg: Registry, other: Registry, make: Callable[..., Registry]
+) -> None:
+    """Namespaces: ``acme/echo`` and ``echo`` (the default tenant's) are two functions, with
+    their own version numbers and aliases, seen by another reader and after a reopen."""
+    await upload(reg, "echo")
+    await upload(reg, "acme/echo")
+    await upload(reg, "acme/echo")
+    await reg.set_alias("acme/echo", "prod", 2)
+    assert [f.name for f in reg.list().functions] == ["acme/echo", "echo"]
+    assert reg.get("echo").latest == 1 and reg.get("acme/echo").latest == 2
+    await other.refresh()
+    assert other.resolve("acme/echo", "prod").version == 2
+    fresh = await reopen(make)
+    assert fresh.get("acme/echo").aliases == {"prod": 2} and fresh.get("echo").aliases == {}
+    await fresh.close()
+    await reg.delete("acme/echo")
+    await other.refresh()
+    with pytest.raises(NotFoundError):
+        other.resolve("acme/echo")
+    assert other.resolve("echo").version == 1

@@ -103,7 +103,7 @@ async def test_delete_removes_directory_and_leaves_no_staging(reg: Registry, dat
     assert [v.version for v in reg.get("f").versions] == [2]
 
 
-@pytest.mark.parametrize("name", ["../x", "A", ".staging", "a/b"])
+@pytest.mark.parametrize("name", ["../x", "A", ".staging", "a/b/c", "a+b", "/b"])
 async def test_invalid_names_touch_no_file(reg: Registry, data: Path, name: str) -> None:
     await upload(reg, "ok")
     before = tree(data.parent)

@@ -247,8 +247,9 @@ async def test_audit_lines_name_the_token_never_the_secret(
 async def test_the_auth_files_overrides_set_a_tenants_quota(handle: ServerHandle, auth_path: Path) -> None:
     _, slow = add_token(auth_path, "acme", "admin")
     _, other = add_token(auth_path, "default", "admin")
-    async with AsyncClient(handle.address, other) as c:
-        await c.register("echo", wasm.echo(), filename="e.wasm")
+    for token in (slow, other):
+        async with AsyncClient(handle.address, token) as c:
+            await c.register("echo", wasm.echo(), filename="e.wasm")  # one in each tenant
     with auth_path.open("a") as f:
         f.write("\n[tenants.acme]\nmax_rps = 0.001\n")  # one call, then one per 1000 s
     async with AsyncClient(handle.address, slow) as a, AsyncClient(handle.address, other) as o:

@@ -63,7 +63,7 @@ from fnserver.artifacts import ARTIFACT_FILES, META_FILE, sha256_file
 from fnserver.protocol import (
     ALIAS_RE,
     ARTIFACT_KINDS,
-    NAME_RE,
+    QUALIFIED_NAME_RE,
     RESERVED_ALIASES,
     ArtifactKind,
     FnError,
@@ -150,17 +150,17 @@ class LocalStore:
             _fs.sweep_staging(self.staging_root)
             self.staging_root.mkdir(exist_ok=True)
             for name in self._names():
-                for tmp in (self.root / name).glob("*" + _fs.TMP_SUFFIX):
+                for tmp in (self._dir(name)).glob("*" + _fs.TMP_SUFFIX):
                     log.info("removing leftover temp file %s", tmp)
                     _fs.remove(tmp)
                 record = self._scan(name)
                 if record is None:
                     continue
-                stored = _fs.read_json(self.root / name / FUNCTION_FILE)
+                stored = _fs.read_json(self._dir(name) / FUNCTION_FILE)
                 wanted = _function_json(record.next_version, record.aliases)
                 if stored != wanted:
                     log.warning("repairing %s/%s", name, FUNCTION_FILE)
-                    _fs.write_json_atomic(self.root / name / FUNCTION_FILE, wanted)
+                    _fs.write_json_atomic(self._dir(name) / FUNCTION_FILE, wanted)
             self._hint.open()
 
     # -- metadata: reads ----------------------------------------------------------------------
@@ -200,11 +200,17 @@ class LocalStore:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
             return []
-        return sorted(e.name for e in entries if NAME_RE.match(e.name) and e.is_dir())
+        keys = (_key_of(e.name) for e in entries if e.is_dir())
+        return sorted(k for k in keys if QUALIFIED_NAME_RE.match(k))
+
+    def _dir(self, name: str) -> Path:
+        """A function's directory: its key with a tenant's '/' written '+' (one level, so a
+        tenant never looks like a function; '+' is in no name)."""
+        return self.root / name.replace("/", "+")
 
     def _scan(self, name: str) -> FunctionRecord | None:
         """Read one name from disk (the caller holds the lock) and refresh the artifact map."""
-        base = self.root / name
+        base = self._dir(name)
         try:
             entries = [e for e in os.scandir(base) if _VERSION_DIR_RE.match(e.name) and e.is_dir()]
         except (FileNotFoundError, NotADirectoryError):
@@ -249,7 +255,7 @@ class LocalStore:
             cached = self._docs.get((name, version))
         if cached is not None and cached[0] == inode:
             return cached[1]
-        vdir = self.root / name / str(version)
+        vdir = self._dir(name) / str(version)
         doc = _fs.read_json(vdir / META_FILE)
         if doc is None or doc.get("name") != name or doc.get("version") != version:
             log.warning("ignoring %s: no valid %s", vdir, META_FILE)
@@ -270,7 +276,7 @@ class LocalStore:
             held: set[str] = set()
             for v, doc in docs.items():
                 for kind, digest in artifact_digests(doc).items():
-                    path = self.root / name / str(v) / ARTIFACT_FILES[kind]
+                    path = self._dir(name) / str(v) / ARTIFACT_FILES[kind]
                     self._files.setdefault(digest, {})[(name, v)] = path
                     held.add(digest)
             self._files_of[name] = held
@@ -310,7 +316,7 @@ class LocalStore:
             for kind in kinds:
                 self._link_artifact(digests[kind], assembly / ARTIFACT_FILES[kind])
             with self._locked(exclusive=True):
-                base = self.root / name
+                base = self._dir(name)
                 record = self._scan(name)
                 version = record.next_version if record else 1
                 aliases = dict(record.aliases) if record else {}
@@ -392,7 +398,7 @@ class LocalStore:
                 previous = record.aliases.get(alias)
                 aliases = {**record.aliases, alias: version}
                 _fs.write_json_atomic(
-                    self.root / name / FUNCTION_FILE, _function_json(record.next_version, aliases)
+                    self._dir(name) / FUNCTION_FILE, _function_json(record.next_version, aliases)
                 )
                 self._append_change(name)
                 return previous
@@ -420,10 +426,10 @@ class LocalStore:
             failure: OSError | None = None
             for v in record.versions if version is None else [version]:
                 grave = self.staging_root / (
-                    f"{_fs.staging_prefix()}deleted-{name}-{v}-{secrets.token_hex(6)}"
+                    f"{_fs.staging_prefix()}deleted-{self._dir(name).name}-{v}-{secrets.token_hex(6)}"
                 )
                 try:
-                    os.rename(self.root / name / str(v), grave)
+                    os.rename(self._dir(name) / str(v), grave)
                 except OSError as exc:
                     failure = exc
                     break
@@ -431,12 +437,12 @@ class LocalStore:
                 gone.append(v)
             # Whatever was moved out is gone from disk, even after a failure: the record follows.
             with contextlib.suppress(OSError):
-                _fs.fsync_dir(self.root / name)
+                _fs.fsync_dir(self._dir(name))
             removed = tuple(sorted(a for a, v in record.aliases.items() if v in gone))
             kept = {a: v for a, v in record.aliases.items() if v not in gone}
             try:
                 _fs.write_json_atomic(
-                    self.root / name / FUNCTION_FILE, _function_json(record.next_version, kept)
+                    self._dir(name) / FUNCTION_FILE, _function_json(record.next_version, kept)
                 )
             except OSError as exc:
                 # Loaders drop aliases to missing versions, so the record repairs itself later.
@@ -630,11 +636,16 @@ def _complete_digests(doc: dict[str, Any], vdir: Path) -> dict[str, Any] | None:
     return {**doc, "artifacts": present, "artifact_sha256": {k: digests[k] for k in present}}
 
 
+def _key_of(dirname: str) -> str:
+    """The function key a directory of the store holds (see ``LocalStore._dir``)."""
+    return dirname.replace("+", "/", 1)
+
+
 def _parse_changes(data: bytes) -> list[tuple[int, str]]:
     out = []
     for line in data.splitlines():
         gen, _, name = line.decode("ascii", "replace").partition(" ")
-        if gen.isdigit() and NAME_RE.match(name):
+        if gen.isdigit() and QUALIFIED_NAME_RE.match(name):
             out.append((int(gen), name))
     return out
 

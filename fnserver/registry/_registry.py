@@ -41,6 +41,7 @@ from fnserver.protocol import (
     check_alias,
     check_name,
     parse_version_ref,
+    split_qualified,
 )
 
 from . import _fs, _meta
@@ -96,6 +97,7 @@ class _Entry:
                 aliases=aliases,
                 kind=latest.kind,
                 description=latest.description,
+                tenant=split_qualified(name)[0],
             ),
         )
 
@@ -432,6 +434,11 @@ class Registry:
                 f"version {info.version} of {info.name!r} is no longer stored",
                 {"name": info.name, "version": info.version},
             ) from None
+
+    def versions_of(self, name: str) -> tuple[VersionInfo, ...]:
+        """Every live version of ``name``, ascending (empty for an unknown name)."""
+        entry = self._index.get(name)
+        return () if entry is None else tuple(entry.stored[v] for v in entry.order)
 
     def list(self) -> ListReply:
         """Every function with at least one version, sorted by name."""

@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Final
 
+from ..protocol import DEFAULT_TENANT
+
 __all__ = ["DEFAULT_TENANT", "ROLES", "Caller", "RequestContext"]
 
-#: Every function belongs to a tenant; until tenants exist (the tenants issue) there is one.
-DEFAULT_TENANT: Final = "default"
 #: What a token may do (``service/_access.py``): admin (every tenant, everything), deployer
 #: (its tenant: register, alias, delete, invoke, read), invoker (its tenant: invoke, read).
 ROLES: Final = ("admin", "deployer", "invoker")

@@ -166,9 +166,10 @@ class RelayedRegisterService(RegisterService):
         self.link = link
         self.config = config
 
-    async def register(self, ctx: RequestContext, req: RegisterRequest, sink: UploadSink,
-                       progress: Progress) -> VersionInfo:
-        """Relay the register; the new version is in this process's index before the reply."""
+    async def _register_key(self, ctx: RequestContext, req: RegisterRequest, sink: UploadSink,
+                            progress: Progress) -> VersionInfo:
+        """Relay the register by registry key (quotas are the control process's to hold); the
+        new version is in this process's index before the reply."""
         info = await self.link.register(req, sink, progress, self.config)
         await catch_up(self.registry)
         return info
@@ -181,8 +182,8 @@ class RelayedFunctionService(FunctionService):
         super().__init__(registry)
         self.link = link
 
-    async def delete(self, ctx: RequestContext, req: DeleteRequest) -> DeleteReply:
-        """Relayed (§5.6)."""
+    async def _delete(self, req: DeleteRequest) -> DeleteReply:
+        """Relayed (§5.6), by registry key: the control process's link is an admin's."""
         r = await self.link.call(req)
         await catch_up(self.registry)
         return DeleteReply(
@@ -191,8 +192,8 @@ class RelayedFunctionService(FunctionService):
             tuple(str(a) for a in r.get("aliases_removed") or ()),
         )
 
-    async def alias(self, ctx: RequestContext, req: AliasRequest) -> AliasReply:
-        """Relayed (§5.7)."""
+    async def _alias(self, req: AliasRequest) -> AliasReply:
+        """Relayed (§5.7), by registry key."""
         r = await self.link.call(req)
         await catch_up(self.registry)
         previous = r.get("previous")

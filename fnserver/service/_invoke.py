@@ -20,6 +20,7 @@ from ..protocol import (
 from ..registry import Registry
 from ._context import RequestContext
 from ._functions import fresh
+from ._names import key_for, said_as, shown, tenant_of
 
 __all__ = ["InvokeService"]
 
@@ -53,7 +54,12 @@ class InvokeService:
             raise InvalidArgumentError(
                 f"'timeout_ms' must be an integer from 1 to {c.max_timeout_ms}, got {req.timeout_ms}"
             )
-        info = await fresh(self.registry, lambda: self.registry.resolve(req.name, req.version))
+        key = key_for(ctx.caller, req.name)
+        with said_as(ctx.caller, key, req.name):
+            info = await fresh(self.registry, lambda: self.registry.resolve(key, req.version))
+        shown_name = shown(ctx.caller, key)
+        if shown_name != key:
+            info = replace(info, name=shown_name)  # for the messages below
         mode = req.mode or info.mode
         if mode not in info.artifacts:
             raise InvalidArgumentError(
@@ -69,7 +75,9 @@ class InvokeService:
                 f" '{info.name}' version {info.version}; a call may lower it, not raise it",
                 {"timeout_ms": limit, "name": info.name, "version": info.version},
             )
-        tenant = ctx.caller.tenant
+        # The function's tenant: an admin's call of another tenant's function counts there.
+        tenant = tenant_of(key)
+        info = replace(info, name=key) if shown_name != key else info
         job = self._job(info, mode, req, tenant)
         quota = self.quotas.limits(tenant) if self.quotas is not None else None
         metered = self.usage is not None and quota is not None and quota.metered

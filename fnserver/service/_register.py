@@ -9,15 +9,18 @@ does the rest. The sink asks its producer to pause (``on_backlog(True)``) while 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import os
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final
 
 import aiofiles
 
-from .._quotas import BuildCounter, QuotaBook
+from .._quotas import BuildCounter, QuotaBook, exceeded
 from ..artifacts import sha256_file
 from ..builder import KINDS, Builder
 from ..config import ServerConfig
@@ -36,6 +39,7 @@ from ..protocol import (
 )
 from ..registry import NewVersion, Registry
 from ._context import RequestContext
+from ._names import key_for, renamed, said_as, tenant_of
 
 __all__ = ["Progress", "RegisterService", "UploadSink"]
 
@@ -169,6 +173,9 @@ class RegisterService:
         #: Tenant quotas (the Services facade's book) and the builds running per tenant.
         self.quotas = quotas if quotas is not None else QuotaBook(config.tenant_limits)
         self.builds = BuildCounter()
+        #: One commit at a time per tenant, so two registers cannot both take a quota's last
+        #: place (functions, versions, storage are counted again right before the commit).
+        self._commits: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def open_upload(
         self, ctx: RequestContext, req: RegisterRequest, on_backlog: Callable[[bool], None]
@@ -203,9 +210,67 @@ class RegisterService:
         behind: the staging directory goes in every case. A tenant over its builds quota is
         refused before anything is staged.
         """
-        tenant = ctx.caller.tenant
+        key = key_for(ctx.caller, req.name)
+        with said_as(ctx.caller, key, req.name):
+            info = await self._register_key(ctx, dataclasses.replace(req, name=key), sink, progress)
+        return renamed(info, ctx.caller, key)
+
+    async def _register_key(
+        self, ctx: RequestContext, req: RegisterRequest, sink: UploadSink, progress: Progress
+    ) -> VersionInfo:
+        """The register of registry key ``req.name``; quotas are the key's tenant's (in the
+        control process the caller is the serving processes' link, not the tenant)."""
+        tenant = tenant_of(req.name)
+        await self.check_held(tenant, req.name, req.size)
         with self.builds.hold(tenant, self.quotas.limits(tenant)):
             return await self._register(ctx, req, sink, progress)
+
+    async def check_held(self, tenant: str, key: str, adding: int) -> None:
+        """Raise QuotaExceededError if one more version of ``key`` (``adding`` bytes) would
+        take ``tenant`` over its functions, versions or storage quota."""
+        limits = self.quotas.limits(tenant)
+        if limits.max_functions is None and limits.max_versions is None and limits.max_storage_mb is None:
+            return
+        versions = self.registry.versions_of(key)
+        if limits.max_functions is not None and not versions:
+            have = sum(1 for f in self.registry.list().functions if tenant_of(f.name) == tenant)
+            if have >= limits.max_functions:
+                raise exceeded(tenant, "functions", limits.max_functions, have, f"it has {have} functions")
+        if limits.max_versions is not None and len(versions) >= limits.max_versions:
+            raise exceeded(
+                tenant, "versions", limits.max_versions, len(versions),
+                f"function '{key.rpartition('/')[2]}' keeps {len(versions)} versions; delete one first",
+            )
+        if limits.max_storage_mb is not None:
+            stored = await self._stored_bytes(tenant)
+            cap = limits.max_storage_mb * 1024 * 1024
+            if stored + adding > cap:
+                used_mb = round(stored / (1024 * 1024), 3)
+                raise exceeded(
+                    tenant, "storage_mb", limits.max_storage_mb, used_mb,
+                    f"{used_mb:g} MiB stored, and this version adds {adding} bytes",
+                )
+
+    async def _stored_bytes(self, tenant: str) -> int:
+        """Upload and artifact bytes of every live version of ``tenant`` (artifact sizes from
+        the files, off the event loop)."""
+        paths: list[Path] = []
+        total = 0
+        for f in self.registry.list().functions:
+            if tenant_of(f.name) != tenant:
+                continue
+            for info in self.registry.versions_of(f.name):
+                total += info.size
+                paths.extend(self.registry.artifact_path(info, kind) for kind in info.artifacts)
+
+        def sizes() -> int:
+            n = 0
+            for path in paths:
+                with contextlib.suppress(OSError):  # deleted meanwhile: no longer stored
+                    n += path.stat().st_size
+            return n
+
+        return total + await asyncio.to_thread(sizes)
 
     async def _register(
         self, ctx: RequestContext, req: RegisterRequest, sink: UploadSink, progress: Progress
@@ -255,7 +320,13 @@ class RegisterService:
                 build_ms=built.build_ms,
                 build_log=built.log or None,
             )
-            return await self.registry.commit(req.name, built.files, meta, alias=o.alias)
+            tenant = tenant_of(req.name)
+            async with self._commits[tenant]:
+                built_bytes = await asyncio.to_thread(
+                    lambda: sum(p.stat().st_size for p in built.files.values())
+                )
+                await self.check_held(tenant, req.name, req.size + built_bytes)
+                return await self.registry.commit(req.name, built.files, meta, alias=o.alias)
         except asyncio.CancelledError:
             sink.abort(UnavailableError("server is shutting down"))
             raise

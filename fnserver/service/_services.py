@@ -29,6 +29,7 @@ from ._context import Caller, RequestContext
 from ._control import ControlLink, RelayedFunctionService, RelayedRegisterService
 from ._functions import FunctionService, fresh
 from ._invoke import InvokeService
+from ._names import key_for, said_as, shown
 from ._register import RegisterService
 
 if TYPE_CHECKING:
@@ -124,10 +125,12 @@ class Services:
 
     async def compile(self, ctx: RequestContext, req: CompileRequest) -> CompileReply:
         """§5.10: the version's module compiled into the node's cache (checked again if there)."""
-        info = await fresh(self.registry, lambda: self.registry.resolve(req.name, req.version))
+        key = key_for(ctx.caller, req.name)
+        with said_as(ctx.caller, key, req.name):
+            info = await fresh(self.registry, lambda: self.registry.resolve(key, req.version))
         if "wasm" not in info.artifacts:
             raise InvalidArgumentError(
-                f"function '{info.name}' version {info.version} has no wasm artifact to compile"
+                f"function '{req.name}' version {info.version} has no wasm artifact to compile"
             )
         await self.pool.compile(
             info.name,
@@ -136,7 +139,7 @@ class Services:
             info.artifact_sha256.get("wasm", ""),
             info.limits.fuel is not None,
         )
-        return CompileReply(info.name, info.version)
+        return CompileReply(shown(ctx.caller, key), info.version)
 
 
 class NativeOnlyInvokeService(InvokeService):

@@ -54,12 +54,21 @@ __all__ = [
     "UploadChunk",
     "VersionInfo",
     "VersionRef",
+    "DEFAULT_TENANT",
+    "QUALIFIED_NAME_RE",
     "check_alias",
     "check_name",
+    "qualify",
+    "split_qualified",
     "parse_version_ref",
 ]
 
 NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+#: A function name as requests may carry it: ``NAME``, or ``TENANT/NAME`` (tenant names follow
+#: the same rule). Which tenant a bare name means is the server's business (the caller's).
+QUALIFIED_NAME_RE: Final = re.compile(r"^(?:[a-z0-9][a-z0-9_-]{0,62}/)?[a-z0-9][a-z0-9_-]{0,62}$")
+#: The tenant of functions named without one, and of data written before tenants existed.
+DEFAULT_TENANT: Final = "default"
 #: Aliases may not be all digits, so ``name@3`` is always a version and ``name@prod`` an alias.
 ALIAS_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 RESERVED_ALIASES: Final = frozenset({"latest"})
@@ -82,13 +91,25 @@ VersionRef = int | str | None
 
 
 def check_name(name: object) -> str:
-    """Validate a function name against :data:`NAME_RE`."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    """Validate a function name (``NAME`` or ``TENANT/NAME``) against :data:`QUALIFIED_NAME_RE`."""
+    if not isinstance(name, str) or not QUALIFIED_NAME_RE.match(name):
         raise InvalidArgumentError(
             f"invalid function name {name!r}: use 1-63 characters a-z, 0-9, '_' or '-',"
-            " starting with a letter or digit"
+            " starting with a letter or digit (an admin may prefix a tenant: TENANT/NAME)"
         )
     return name
+
+
+def qualify(tenant: str, name: str) -> str:
+    """The registry key of ``name`` in ``tenant``: the bare name in the default tenant (so data
+    written before tenants existed is the default tenant's), ``TENANT/NAME`` otherwise."""
+    return name if tenant == DEFAULT_TENANT else f"{tenant}/{name}"
+
+
+def split_qualified(key: str) -> tuple[str, str]:
+    """``(tenant, name)`` of a registry key or a qualified name."""
+    tenant, sep, name = key.partition("/")
+    return (tenant, name) if sep else (DEFAULT_TENANT, key)
 
 
 def check_alias(alias: object) -> str:
@@ -566,13 +587,18 @@ class ListRequest:
     """§5.4."""
 
     op: ClassVar[str] = "list"
+    #: Every tenant's functions (admins only), not just the caller's tenant's.
+    all: bool = False
 
     @classmethod
     def from_wire(cls, body: Mapping[str, Any]) -> ListRequest:
-        return cls()
+        every = body.get("all", False)
+        if not isinstance(every, bool):
+            raise InvalidArgumentError(f"'all' must be true or false, got {every!r}")
+        return cls(all=every)
 
     def to_wire(self) -> dict[str, Any]:
-        return {}
+        return {"all": True} if self.all else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -585,10 +611,13 @@ class FunctionSummary:
     aliases: Mapping[str, int]
     kind: str | None
     description: str
+    #: The tenant the function belongs to.
+    tenant: str = DEFAULT_TENANT
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "tenant": self.tenant,
             "latest": self.latest,
             "versions": list(self.versions),
             "aliases": dict(self.aliases),

@@ -541,9 +541,10 @@ class AsyncClient:
         )
         return InvokeResult.from_wire(await self._request(req))
 
-    async def list(self) -> list[dict[str, Any]]:  # noqa: A003 - the operation's name (§5.4)
-        """Every function, sorted by name (§5.4)."""
-        result = await self._request(ListRequest())
+    async def list(self, *, all: bool = False) -> list[dict[str, Any]]:  # noqa: A002, A003 - the operation's names (§5.4)
+        """Every function of your tenant, sorted by name; with ``all`` (admins), every
+        tenant's, sorted by tenant and name, other tenants' named ``TENANT/NAME`` (§5.4)."""
+        result = await self._request(ListRequest(all=all))
         functions = result.get("functions")
         return functions if isinstance(functions, list) else []
 

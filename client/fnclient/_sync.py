@@ -144,9 +144,9 @@ class Client:
             )
         )
 
-    def list(self) -> list[dict[str, Any]]:  # noqa: A003 - the operation's name
+    def list(self, *, all: bool = False) -> list[dict[str, Any]]:  # noqa: A002, A003 - the operation's names
         """See :meth:`AsyncClient.list`."""
-        return self._run(self._async.list())
+        return self._run(self._async.list(all=all))
 
     def get(
         self,

@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["native", "wasm"])
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    p = sub.add_parser("list", parents=[common], help="list functions")
+    p = sub.add_parser("list", parents=[common], help="list your tenant's functions")
+    p.add_argument("--all", action="store_true", help="every tenant's functions (admin tokens)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("get", parents=[common], help="show a function and its versions")
@@ -297,15 +298,19 @@ def _write_result(result: InvokeResult) -> None:
 
 
 async def _cmd_list(client: AsyncClient, ns: argparse.Namespace) -> int:
-    functions = await client.list()
+    functions = await client.list(all=ns.all)
     if ns.json:
         _print_json(functions)
         return 0
-    rows = [["NAME", "LATEST", "VERSIONS", "ALIASES", "KIND"]]
+    if not functions:
+        print("no functions yet: add one with 'fn register NAME FILE'", file=sys.stderr)
+        return 0
+    rows = [(["TENANT"] if ns.all else []) + ["NAME", "LATEST", "VERSIONS", "ALIASES", "KIND"]]
     for fn in functions:
         aliases = fn.get("aliases") or {}
         rows.append(
-            [
+            ([str(fn.get("tenant", ""))] if ns.all else [])
+            + [
                 str(fn.get("name", "")),
                 str(fn.get("latest", "")),
                 _ranges(fn.get("versions") or []),

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from fnclient import AsyncClient, FnError, NotFoundError, PermissionDeniedError, QuotaExceededError
+
 from fnserver.auth import add_token
 from fnserver.config import TenantLimits
 from tests import wasm_fixtures as wasm

@@ -48,7 +48,7 @@ import tomli_w
 from ._quotas import QuotaBook
 from .config import ServerConfig, TenantLimits
 from .protocol import NAME_RE
-from .service._context import DEFAULT_TENANT, ROLES, Caller
+from .service._context import DEFAULT_TENANT, INTERNAL_ID, ROLES, SHARED_ID, Caller
 
 __all__ = [
     "AuthBook",
@@ -73,9 +73,6 @@ MAX_AUTH_FILE: Final = 4 * 1024 * 1024
 _ID_LEN: Final = 12
 _ID_RE: Final = re.compile(r"^[0-9a-f]{12}$")
 _SHA_RE: Final = re.compile(r"^[0-9a-f]{64}$")
-#: The tenant of the shared secret (FNSERVER_TOKEN) and of the control process's own link.
-SHARED_ID: Final = "shared"
-INTERNAL_ID: Final = "internal"
 _LIMIT_KEYS: Final = frozenset(f.name for f in fields(TenantLimits))
 
 

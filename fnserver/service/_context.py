@@ -13,11 +13,15 @@ from typing import Final
 
 from ..protocol import DEFAULT_TENANT
 
-__all__ = ["DEFAULT_TENANT", "ROLES", "Caller", "RequestContext"]
+__all__ = ["DEFAULT_TENANT", "INTERNAL_ID", "ROLES", "SHARED_ID", "Caller", "RequestContext"]
 
 #: What a token may do (``service/_access.py``): admin (every tenant, everything), deployer
 #: (its tenant: register, alias, delete, invoke, read), invoker (its tenant: invoke, read).
 ROLES: Final = ("admin", "deployer", "invoker")
+#: Token ids of the two callers that hold no token of the auth file: a client with the shared
+#: secret (FNSERVER_TOKEN), and a serving process relaying to its control process.
+SHARED_ID: Final = "shared"
+INTERNAL_ID: Final = "internal"
 
 _ids = itertools.count(1)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import __version__
+from ._tls import TlsConfigError, server_context
 from .config import ServerConfig, TenantLimits
 from .protocol import FnError
 
@@ -48,6 +49,8 @@ def parse_command(argv: list[str] | None = None) -> Command:
     p.add_argument("--port", type=int, default=d.port, help=f"TCP port, 0 for any (default {d.port})")
     p.add_argument("--data-dir", type=Path, default=d.data_dir, help="where functions are stored (default ./functions)")
     p.add_argument("--auth-file", type=Path, default=None, help="tokens, tenants and tenant quotas (default <data-dir>/auth.toml; edit with 'fnserver token')")
+    p.add_argument("--tls-cert", type=Path, default=None, help="serve TLS: the PEM certificate chain (with --tls-key); clients dial tls://HOST:PORT")
+    p.add_argument("--tls-key", type=Path, default=None, help="the PEM private key of --tls-cert (read before the serving processes give up root)")
     p.add_argument("--insecure", action="store_true", help="serve a non-loopback address even though no token exists (anyone who reaches the port may run code)")
     p.add_argument("--token", default=None, help=argparse.SUPPRESS)  # deprecated: visible in /proc; FNSERVER_TOKEN
     p.add_argument("--processes", type=int, default=None, help="serving processes sharing the port, restarted if they die (default: one per CPU)")
@@ -129,6 +132,8 @@ def parse_command(argv: list[str] | None = None) -> Command:
         token=shared,
         auth_file=a.auth_file,
         insecure=a.insecure,
+        tls_cert=a.tls_cert,
+        tls_key=a.tls_key,
         processes=processes,
         wasm_slots=a.slots,
         wasm_per_function=a.slots_per_function,
@@ -184,13 +189,14 @@ async def _serve(config: ServerConfig, ready_fd: int | None) -> None:
     from .server import FnServer
 
     try:
+        tls = server_context(config) if config.role != "control" else None
         if config.role == "serving":
             from ._privileges import drop_root
 
             config = drop_root(config).config
-        server = FnServer(config)
+        server = FnServer(config, tls)
         await server.start()
-    except (OSError, FnError) as exc:
+    except (OSError, FnError, TlsConfigError) as exc:
         # The operator's to fix (a port in use, a data directory that is not one): one line.
         logging.getLogger("fnserver").error("cannot start: %s", exc)
         raise SystemExit(1) from None
@@ -227,6 +233,11 @@ def main(argv: list[str] | None = None) -> None:
         from .supervisor import Supervisor
 
         problem = exposure_problem(config)
+        if problem is None:
+            try:
+                server_context(config)  # a bad certificate stops the start here, once
+            except TlsConfigError as exc:
+                problem = str(exc)
         if problem is not None:
             print(f"fnserver: {problem}", file=sys.stderr)
             sys.exit(2)

@@ -54,6 +54,9 @@ class ServerConfig:
     auth_file: Path | None = None
     #: Serve a non-loopback address without any token (refused otherwise).
     insecure: bool = False
+    #: TLS on the public port: a PEM certificate chain and its private key (both or neither).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     max_frame: int = DEFAULT_MAX_FRAME
     max_upload: int = 64 * MiB
     chunk_size: int = CHUNK_SIZE

@@ -10,12 +10,14 @@ import asyncio
 import logging
 import math
 import os
+import ssl
 from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
 
 from . import __version__
 from ._quotas import QuotaBook
+from ._tls import server_context
 from .auth import auth_book_for
 from .builder import Builder
 from .config import ServerConfig
@@ -32,7 +34,7 @@ log = logging.getLogger("fnserver")
 class FnServer:
     """The fnserver service: registry, builder and exec pool behind the TCP front."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, tls: ssl.SSLContext | None = None) -> None:
         # Absolute paths (no file system access): compile processes and workers run with
         # cwd "/", so a relative --data-dir (the default ./functions) must not reach them.
         config = replace(
@@ -101,7 +103,11 @@ class FnServer:
             config, self.registry, self.pool, self.builder, self.link,
             quotas=quotas, auth=auth_book_for(config, quotas),
         )
-        self.tcp = TcpFront(config, self.services)
+        if tls is None and config.role != "control":
+            # Made here when nobody made it before a privilege drop (role "all": tests,
+            # embedding). The control process's socket is loopback, for its serving processes.
+            tls = server_context(config)
+        self.tcp = TcpFront(config, self.services, tls if config.role != "control" else None)
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._stopped = asyncio.Event()

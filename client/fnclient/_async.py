@@ -10,12 +10,13 @@ import asyncio
 import hashlib
 import itertools
 import os
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final
 
-from ._address import parse_address
+from ._address import parse_address, split_scheme
 from ._results import InvokeResult
 from .protocol import (
     CHUNK_SIZE,
@@ -106,10 +107,22 @@ class AsyncClient:
     """
 
     def __init__(
-        self, address: str, token: str | None = None, *, connect_timeout: float = 10.0
+        self,
+        address: str,
+        token: str | None = None,
+        *,
+        connect_timeout: float = 10.0,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.address = address
         self.host, self.port = parse_address(address)
+        tls, _ = split_scheme(address)
+        #: For ``tls://`` addresses: the server's certificate is checked against ``ca_file``
+        #: (a PEM bundle), or the system's trusted roots without one.
+        self.ca_file = ca_file
+        self._ssl: ssl.SSLContext | None = (
+            ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file else None) if tls else None
+        )
         self.token = token
         self.connect_timeout = connect_timeout
         self._ids = itertools.count(_HELLO_ID + 1)
@@ -180,8 +193,28 @@ class AsyncClient:
         again (the connection failed before the server answered anything)."""
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.connect_timeout
+                asyncio.open_connection(
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl is not None else None,
+                ),
+                self.connect_timeout,
             )
+        except ssl.SSLCertVerificationError as exc:
+            # Not retried: the next attempt would meet the same certificate.
+            raise UnavailableError(
+                f"cannot connect to {target}: the server's TLS certificate could not be verified"
+                f" ({exc.verify_message}); pass the CA that signed it with --ca-file or FN_CA_FILE"
+                " (ca_file= in fnclient)",
+                {"reason": "certificate"},
+            ) from exc
+        except ssl.SSLError as exc:
+            raise UnavailableError(
+                f"cannot connect to {target}: the TLS handshake failed ({exc.reason or exc});"
+                " is the server started with --tls-cert, and the address tls://?",
+                {"reason": "tls"},
+            ) from exc
         except OSError as exc:
             raise _Retryable(UnavailableError(f"cannot connect to {target}: {exc}")) from exc
         except TimeoutError as exc:

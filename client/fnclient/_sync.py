@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -29,9 +30,14 @@ class Client:
     """
 
     def __init__(
-        self, address: str, token: str | None = None, *, connect_timeout: float = 10.0
+        self,
+        address: str,
+        token: str | None = None,
+        *,
+        connect_timeout: float = 10.0,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._async = AsyncClient(address, token, connect_timeout=connect_timeout)
+        self._async = AsyncClient(address, token, connect_timeout=connect_timeout, ca_file=ca_file)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="fnclient-loop", daemon=True

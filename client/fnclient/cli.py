@@ -65,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--server",
         metavar="HOST:PORT",
         default=argparse.SUPPRESS,
-        help=f"server address (default: $FN_SERVER or {DEFAULT_SERVER})",
+        help=f"server address, tls://HOST:PORT for TLS (default: $FN_SERVER or {DEFAULT_SERVER})",
+    )
+    common.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        default=argparse.SUPPRESS,
+        help="CA certificates to verify a tls:// server with (default: $FN_CA_FILE, else the system's)",
     )
     common.add_argument(
         "--token", default=argparse.SUPPRESS, help="your token (default: $FN_TOKEN)"
@@ -153,6 +159,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ns.fn_args = fn_args
     ns.server = getattr(ns, "server", None) or os.environ.get("FN_SERVER") or DEFAULT_SERVER
     ns.token = getattr(ns, "token", None) or os.environ.get("FN_TOKEN") or None
+    ns.ca_file = getattr(ns, "ca_file", None) or os.environ.get("FN_CA_FILE") or None
     return ns
 
 
@@ -187,7 +194,7 @@ def _print_error(exc: FnError) -> None:
 
 
 async def _run(ns: argparse.Namespace) -> int:
-    async with AsyncClient(ns.server, ns.token) as client:
+    async with AsyncClient(ns.server, ns.token, ca_file=ns.ca_file) as client:
         handler = _COMMANDS[ns.command]
         return await handler(client, ns)
 

@@ -16,6 +16,7 @@ import errno
 import itertools
 import logging
 import socket
+import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -95,9 +96,11 @@ class TcpFront:
     """The listening socket and its connections, their limits and the deadlines that drop them
     (PROTOCOL.md §1.1)."""
 
-    def __init__(self, config: ServerConfig, services: Services) -> None:
+    def __init__(self, config: ServerConfig, services: Services, tls: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.services = services
+        #: TLS for every connection (``_tls.py``); the handshake must end by the HELLO deadline.
+        self.tls = tls
         self.stopping = False
         self._server: asyncio.Server | None = None
         self._connections: set[Connection] = set()
@@ -132,14 +135,20 @@ class TcpFront:
             # A serving process under the supervisor: the socket is bound and listening
             # already, shared (SO_REUSEPORT) with the other serving processes.
             sock = socket.socket(fileno=self.config.listen_fd)
-            self._server = await loop.create_server(lambda: Connection(self), sock=sock)
+            self._server = await loop.create_server(lambda: Connection(self), sock=sock, **self._tls_args())
         else:
             self._server = await loop.create_server(
-                lambda: Connection(self), self.config.host, self.config.port, reuse_address=True
+                lambda: Connection(self), self.config.host, self.config.port, reuse_address=True,
+                **self._tls_args(),
             )
         self.lag.start()
         self._watcher = loop.create_task(self._watch(), name="fnserver-connection-deadlines")
         self._watcher.add_done_callback(_report_crash)
+
+    def _tls_args(self) -> dict[str, Any]:
+        if self.tls is None:
+            return {}
+        return {"ssl": self.tls, "ssl_handshake_timeout": self.config.hello_timeout_s}
 
     # --- admission and accounting ---
 

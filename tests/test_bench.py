@@ -62,3 +62,18 @@ def test_native_spawn_bench_small(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
     assert out.is_file() and b"ratio (b)/(a)" in proc.stdout
+
+
+def test_tls_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "tls.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/bench_tls.py", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    result = json.loads(out.read_text())
+    for mode in ("plain", "tls"):
+        assert result["best"][mode]["p50_us"] > 0 and result["best"][mode]["per_s"] > 0
+    assert set(result["ratios"]) == {"tls_p50_vs_plain", "tls_throughput_vs_plain"}

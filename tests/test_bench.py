@@ -13,15 +13,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_invoke_bench_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "invoke.json"
+def run_bench(script: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """``python bench/SCRIPT ARGS`` from the repository root; fails the test if it fails."""
     proc = subprocess.run(
-        [sys.executable, "bench/bench_invoke.py", "--smoke", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        timeout=300,
+        [sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    return proc
+
+
+def test_invoke_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "invoke.json"
+    proc = run_bench("bench_invoke.py", "--smoke", "--out", str(out))
     result = json.loads(out.read_text())
     functions = ("wat", "c", "go")
     shapes = ("@1", "@64", "@64/8conn")
@@ -54,25 +57,14 @@ def test_invoke_bench_smoke(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="the bench builds its binary with gcc")
 def test_native_spawn_bench_small(tmp_path: Path) -> None:
     out = tmp_path / "native.json"
-    proc = subprocess.run(
-        [sys.executable, "bench/bench_native_spawn.py", "--calls", "20", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    proc = run_bench("bench_native_spawn.py", "--calls", "20", "--out", str(out))
     assert out.is_file() and b"ratio (b)/(a)" in proc.stdout
 
 
 def test_tls_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "tls.json"
-    proc = subprocess.run(
-        [sys.executable, "bench/bench_tls.py", "--smoke", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    proc = run_bench("bench_tls.py", "--smoke", "--out", str(out))
+    assert b"TLS/plain" in proc.stdout
     result = json.loads(out.read_text())
     for mode in ("plain", "tls"):
         assert result["best"][mode]["p50_us"] > 0 and result["best"][mode]["per_s"] > 0

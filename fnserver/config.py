@@ -134,6 +134,23 @@ class ServerConfig:
     #: and, while it uploads, a file descriptor).
     max_registers_per_connection: int = 16
 
+    # Operations (OPERATIONS.md "Async invocations", "Invocation logs", "Metrics").
+    #: Async invocations waiting to run, server-wide; past it an async invoke is UNAVAILABLE.
+    async_max_queue: int = 10_000
+    #: Async invocations one serving process runs at once.
+    async_concurrency: int = 8
+    #: Seconds an async invocation's result is kept after it finished.
+    result_ttl_s: float = 86_400.0
+    #: Invocation records kept (``fn logs``), server-wide; the oldest go first.
+    max_records: int = 100_000
+    #: Serve Prometheus metrics over HTTP on this port (None: off), on ``metrics_host``
+    #: (None: ``host``).
+    metrics_port: int | None = None
+    metrics_host: str | None = None
+    #: ``text`` (human lines) or ``json`` (one JSON object per line).
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
     #: Quotas every tenant gets unless the auth file overrides them (``service/_quotas.py``).
     tenant_limits: TenantLimits = field(default_factory=lambda: TenantLimits())
     #: A serving process under the supervisor: the shared usage table (a memfd) and this

@@ -22,6 +22,7 @@ from .auth import auth_book_for
 from .builder import Builder
 from .config import ServerConfig
 from .exec import ExecPool
+from .metrics import MetricsServer
 from .registry import Registry
 from .service import ControlLink, Services
 from .transport import TcpFront
@@ -108,6 +109,9 @@ class FnServer:
             # embedding). The control process's socket is loopback, for its serving processes.
             tls = server_context(config)
         self.tcp = TcpFront(config, self.services, tls if config.role != "control" else None)
+        self.services.connection_count = lambda: len(self.tcp.connections())
+        self.services.loop_lag_s = self.tcp.lag.recent_lag_s
+        self.metrics: MetricsServer | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -134,7 +138,11 @@ class FnServer:
             await asyncio.to_thread(self.config.data_dir.mkdir, parents=True, exist_ok=True)
         await self.registry.open()
         await self.pool.start()
+        await self.services.start()
         await self.tcp.start()
+        if self.config.metrics_port is not None and self.config.role != "serving":
+            self.metrics = MetricsServer(self.services, self.config)
+            await self.metrics.start()
         if self.config.warm_builds and self.builder is not None:
             self.spawn(self._warm_builds())
         if self.config.listen_fd is None:
@@ -179,6 +187,9 @@ class FnServer:
             task.cancel()
         if others:
             await asyncio.wait(others, timeout=2.0)
+        if self.metrics is not None:
+            self.metrics.stop()
+        await self.services.close()
         await self.pool.close()
         if self.builder is not None:
             self.builder.close()

@@ -16,22 +16,26 @@ from ._sync import Client
 from .protocol import (
     AlreadyExistsError,
     BuildError,
+    CallStatus,
     ChecksumMismatchError,
     FnError,
     FunctionTimeoutError,
     Identity,
     InternalError,
     InvalidArgumentError,
+    InvocationRecord,
     MemoryLimitError,
     NotFoundError,
     PermissionDeniedError,
     ProtocolError,
     QuotaExceededError,
     ResourceExhaustedError,
+    StatsReply,
     TooLargeError,
     TrapError,
     UnauthenticatedError,
     UnavailableError,
+    VersionStats,
     error_from_wire,
 )
 
@@ -45,6 +49,10 @@ except PackageNotFoundError:
         __version__ = "0.0.0"
 
 __all__ = [
+    "CallStatus",
+    "InvocationRecord",
+    "StatsReply",
+    "VersionStats",
     "DEFAULT_PORT",
     "AlreadyExistsError",
     "AsyncClient",

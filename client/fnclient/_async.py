@@ -25,6 +25,7 @@ from .protocol import (
     MAX_PAGE,
     PROTOCOL_VERSION,
     AliasRequest,
+    CallStatus,
     CompileRequest,
     DeleteRequest,
     FnError,
@@ -33,13 +34,20 @@ from .protocol import (
     Identity,
     InternalError,
     InvalidArgumentError,
+    InvocationRecord,
+    InvokeAccepted,
     InvokeRequest,
     ListRequest,
+    LogsReply,
+    LogsRequest,
     PingRequest,
     ProtocolError,
     RegisterOptions,
     RegisterRequest,
     RequestRecord,
+    ResultRequest,
+    StatsReply,
+    StatsRequest,
     TooLargeError,
     UnavailableError,
     UploadChunk,
@@ -47,6 +55,7 @@ from .protocol import (
     error_from_wire,
     parse_version_ref,
 )
+from .protocol._calls import MAX_WAIT_MS
 
 __all__ = ["AsyncClient", "ProgressCallback", "Source", "UploadStream"]
 
@@ -573,6 +582,80 @@ class AsyncClient:
             mode,  # type: ignore[arg-type]
         )
         return InvokeResult.from_wire(await self._request(req))
+
+    async def invoke_async(
+        self,
+        name: str,
+        input: bytes | bytearray | memoryview | str = b"",  # noqa: A002 - the wire field's name
+        *,
+        version: int | str | None = None,
+        args: Sequence[str] = (),
+        timeout_ms: int | None = None,
+        mode: str | None = None,
+    ) -> str:
+        """Queue a call (``invoke`` with ``async``, §5.8) and return its invocation id at once;
+        :meth:`result` fetches its outcome. It runs under the same limits as a direct call,
+        at least once even if the server restarts meanwhile."""
+        data = input.encode("utf-8") if isinstance(input, str) else bytes(input)
+        if isinstance(args, str | bytes):
+            raise InvalidArgumentError("args must be a sequence of strings, not one string")
+        if mode is not None and mode not in ("wasm", "native"):
+            raise InvalidArgumentError(f"mode must be 'wasm' or 'native', got {mode!r}")
+        req = InvokeRequest(
+            name, parse_version_ref(version), data, tuple(str(a) for a in args), timeout_ms,
+            mode,  # type: ignore[arg-type]
+            async_=True,
+        )
+        return InvokeAccepted.from_wire(await self._request(req)).id
+
+    async def result(self, invocation_id: str, *, wait: bool | float = False) -> CallStatus:
+        """An async call's state (``queued``, ``running``, ``done`` or ``failed``) with its
+        result or error once it has one (§5.12). ``wait``: True waits until it finishes, a
+        number waits at most that many seconds, False answers at once."""
+        if wait is True:
+            while True:
+                status = CallStatus.from_wire(await self._request(ResultRequest(invocation_id, MAX_WAIT_MS)))
+                if status.state in ("done", "failed"):
+                    return status
+        wait_ms = 0 if wait is False else max(0, min(int(float(wait) * 1000), MAX_WAIT_MS))
+        return CallStatus.from_wire(await self._request(ResultRequest(invocation_id, wait_ms or None)))
+
+    async def logs(self, name: str, *, version: int | None = None, limit: int = 20,
+                   after: int | None = None) -> list[InvocationRecord]:
+        """A function's newest ``limit`` invocation records, oldest first (§5.13); ``after``
+        (a record's ``seq``) asks only for newer ones."""
+        reply = LogsReply.from_wire(await self._request(LogsRequest(name, version, limit, after)))
+        return list(reply.records)
+
+    async def follow_logs(self, name: str, *, version: int | None = None,
+                          limit: int = 20) -> AsyncGenerator[InvocationRecord, None]:
+        """The newest ``limit`` records, then each new one as the server stores it (§5.13,
+        ``follow``). It runs on a connection of its own, closed when the generator is."""
+        queue: asyncio.Queue[InvocationRecord | BaseException] = asyncio.Queue()
+
+        def on_event(frame: dict[str, Any]) -> None:
+            if frame.get("event") == "record":
+                queue.put_nowait(InvocationRecord.from_wire(frame.get("record")))
+
+        stream = AsyncClient(self.address, self.token, connect_timeout=self.connect_timeout, ca_file=self.ca_file)
+        try:
+            req_id, future = await stream._start("logs", LogsRequest(name, version, limit, follow=True).to_wire(), on_event)
+            future.add_done_callback(
+                lambda f: queue.put_nowait(f.exception() or UnavailableError("the server ended the stream"))
+                if not f.cancelled() else None
+            )
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            await stream.close()
+
+    async def stats(self, name: str | None = None, *, tenant: str | None = None) -> StatsReply:
+        """Per-version statistics of one function, or of every function of your tenant
+        (admins: of ``tenant``), and the server's gauges (§5.14)."""
+        return StatsReply.from_wire(await self._request(StatsRequest(name, tenant)))
 
     async def list(self, *, all: bool = False) -> list[dict[str, Any]]:  # noqa: A002, A003 - the operation's names (§5.4)
         """Every function of your tenant, sorted by name; with ``all`` (admins), every

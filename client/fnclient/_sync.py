@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from ._async import AsyncClient, ProgressCallback, Source
 from ._results import InvokeResult
-from .protocol import Identity, UnavailableError
+from .protocol import CallStatus, Identity, InvocationRecord, StatsReply, UnavailableError
 
 __all__ = ["Client"]
 
@@ -149,6 +149,34 @@ class Client:
                 name, input, version=version, args=args, timeout_ms=timeout_ms, mode=mode
             )
         )
+
+    def invoke_async(
+        self,
+        name: str,
+        input: bytes | bytearray | memoryview | str = b"",  # noqa: A002 - the wire field's name
+        *,
+        version: int | str | None = None,
+        args: Sequence[str] = (),
+        timeout_ms: int | None = None,
+        mode: str | None = None,
+    ) -> str:
+        """See :meth:`AsyncClient.invoke_async`."""
+        return self._run(
+            self._async.invoke_async(name, input, version=version, args=args, timeout_ms=timeout_ms, mode=mode)
+        )
+
+    def result(self, invocation_id: str, *, wait: bool | float = False) -> CallStatus:
+        """See :meth:`AsyncClient.result`."""
+        return self._run(self._async.result(invocation_id, wait=wait))
+
+    def logs(self, name: str, *, version: int | None = None, limit: int = 20,
+             after: int | None = None) -> list[InvocationRecord]:
+        """See :meth:`AsyncClient.logs`."""
+        return self._run(self._async.logs(name, version=version, limit=limit, after=after))
+
+    def stats(self, name: str | None = None, *, tenant: str | None = None) -> StatsReply:
+        """See :meth:`AsyncClient.stats`."""
+        return self._run(self._async.stats(name, tenant=tenant))
 
     def list(self, *, all: bool = False) -> list[dict[str, Any]]:  # noqa: A002, A003 - the operation's names
         """See :meth:`AsyncClient.list`."""

@@ -192,6 +192,11 @@ class Builder:
                         "toolchains run as the server's uid, with rlimits only")
 
     @property
+    def running(self) -> int:
+        """Builds running now (each holds one of this builder's permits)."""
+        return self._max_concurrent - self._slots._value
+
+    @property
     def sandboxed(self) -> bool:
         """True when toolchains run in the build box."""
         return self._sandbox

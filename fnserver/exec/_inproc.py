@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -273,6 +274,7 @@ class WasmRunner:
         if self._closed or self._executor is None:
             raise UnavailableError("the server is shutting down")
         fuel = job.limits.fuel
+        cold = module.name not in self._ready
         ready = await self._module(module, fuel is not None)
         loop = asyncio.get_running_loop()
         key = job.function
@@ -295,7 +297,9 @@ class WasmRunner:
                 else:
                     self._adm.withdraw(place)
                 raise
-        return await self._place_and_run(job, ready, key, loop, place)
+        result = await self._place_and_run(job, ready, key, loop, place)
+        # A cold start: this call had to map its module first (stats count them, §5.14).
+        return dataclasses.replace(result, cold=True) if cold else result
 
     def _release(self, place: Waiting[asyncio.Future[None]]) -> None:
         for nxt in self._adm.finished(place):

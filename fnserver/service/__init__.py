@@ -7,6 +7,7 @@ record; none knows a socket, a frame or an HTTP header. See docs/ARCHITECTURE.md
 from __future__ import annotations
 
 from ._access import audit_event, audit_refused_hello, authorize
+from ._calls import CallService, RelayedCallService
 from ._context import DEFAULT_TENANT, ROLES, Caller, RequestContext
 from ._control import ControlLink
 from ._functions import FunctionService
@@ -15,6 +16,8 @@ from ._register import Progress, RegisterService, UploadSink
 from ._services import Services
 
 __all__ = [
+    "CallService",
+    "RelayedCallService",
     "DEFAULT_TENANT",
     "ROLES",
     "Caller",

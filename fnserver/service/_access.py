@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Final
 
 from ..protocol import OPS, PermissionDeniedError
-from ._context import ROLES, Caller, RequestContext
+from ._context import INTERNAL_ID, ROLES, Caller, RequestContext
 
 __all__ = ["OP_NEEDS", "ROLE_GRANTS", "audit_event", "audit_refused_hello", "authorize"]
 
@@ -25,6 +25,8 @@ INVOKE: Final = "invoke"
 DEPLOY: Final = "deploy"
 #: Reaching every tenant's functions (``TENANT/NAME``, ``list`` with ``all``).
 ALL_TENANTS: Final = "all_tenants"
+#: The serving processes' own operations with their control process (PROTOCOL.md §5.15).
+INTERNAL: Final = "internal"
 
 #: What each role may do.
 ROLE_GRANTS: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
@@ -49,16 +51,26 @@ OP_NEEDS: Final[Mapping[str, str | None]] = MappingProxyType(
         "upload": DEPLOY,
         "alias": DEPLOY,
         "delete": DEPLOY,
+        # An async call's result is read by whoever may invoke; records and tallies are reads.
+        "result": INVOKE,
+        "logs": READ,
+        "stats": READ,
+        # A serving process and its control process (§5.15): no token of the auth file.
+        "report": INTERNAL,
+        "claim": INTERNAL,
+        "complete": INTERNAL,
     }
 )
 if set(OP_NEEDS) != OPS or set(ROLE_GRANTS) != set(ROLES):  # pragma: no cover - caught at import
     raise ImportError("the access table and the operations or roles disagree")
 
-_ROLE_HINT: Final = {READ: "invoker", INVOKE: "invoker", DEPLOY: "deployer", ALL_TENANTS: "admin"}
+_ROLE_HINT: Final = {READ: "invoker", INVOKE: "invoker", DEPLOY: "deployer", ALL_TENANTS: "admin", INTERNAL: "internal"}
 
 
 def allowed(caller: Caller, grant: str) -> bool:
     """Whether ``caller``'s role carries ``grant``."""
+    if grant == INTERNAL:
+        return caller.token_id == INTERNAL_ID
     return grant in ROLE_GRANTS.get(caller.role, frozenset())
 
 

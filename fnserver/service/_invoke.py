@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Final
 
@@ -10,6 +11,7 @@ from ..config import ServerConfig
 from ..exec import ExecPool, InvokeJob, Limits
 from ..protocol import (
     ArtifactKind,
+    FnError,
     InternalError,
     InvalidArgumentError,
     InvokeRequest,
@@ -18,6 +20,7 @@ from ..protocol import (
     VersionInfo,
 )
 from ..registry import Registry
+from ._calls import Recorder, make_record, new_call_id
 from ._context import RequestContext
 from ._functions import fresh
 from ._names import key_for, said_as, shown, tenant_of
@@ -46,9 +49,16 @@ class InvokeService:
         #: calls were counted by the serving process that relayed them).
         self.quotas = quotas
         self.usage = usage
+        #: Where this process's invocation records go (None: not recorded here, as in the
+        #: control process, whose calls the serving processes record).
+        self.recorder: Recorder | None = None
 
-    async def invoke(self, ctx: RequestContext, req: InvokeRequest) -> InvokeResult:
-        """Run one call; guest failures raise the matching FnError."""
+    async def invoke(self, ctx: RequestContext, req: InvokeRequest, *, call_id: str | None = None,
+                     queued_since: float | None = None) -> InvokeResult:
+        """Run one call; guest failures raise the matching FnError. Once the version is
+        resolved the call leaves an invocation record (§5.13), ``async`` mode when it came
+        from the queue (``call_id``, queued at ``queued_since``)."""
+        started = time.time()
         c = self.config
         if req.timeout_ms is not None and req.timeout_ms > c.max_timeout_ms:
             raise InvalidArgumentError(
@@ -84,18 +94,42 @@ class InvokeService:
         if metered:
             assert self.usage is not None and quota is not None
             self.usage.enter(tenant, quota)  # QUOTA_EXCEEDED: over its concurrency or rate
+        t0 = time.perf_counter_ns()
         try:
             result = await self._run(info, mode, job)
+        except FnError as exc:
+            self._record(call_id, queued_since, started, key, info.version, mode, exc, t0)
+            raise
         finally:
             if metered:
                 assert self.usage is not None
                 self.usage.leave(tenant)
+        if call_id is None and self.recorder is not None:
+            call_id = new_call_id()
+        result = replace(result, id=call_id or "")
+        self._record(call_id, queued_since, started, key, info.version, mode, result, t0)
         # Output and stderr are each capped at output_bytes; stderr gives way so that the reply
         # always fits in one frame.
         room = max(0, c.max_frame - len(result.output) - REPLY_ENVELOPE)
         if len(result.stderr) > room:
             result = replace(result, stderr=result.stderr[:room])
         return result
+
+    def _record(self, call_id: str | None, queued_since: float | None, started: float, key: str,
+                version: int, mode: ArtifactKind, outcome: InvokeResult | FnError, t0: int) -> None:
+        if self.recorder is None:
+            return
+        queued_us = 0
+        if queued_since is not None:  # an async call: its time in the queue counts as queue
+            queued_us = max(0, int((started - queued_since) * 1e6))
+            started = queued_since
+        self.recorder.add(
+            make_record(
+                call_id or new_call_id(), tenant_of(key), key, version,
+                "async" if queued_since is not None else "sync", mode, started, outcome,
+                (time.perf_counter_ns() - t0) // 1000 + queued_us, queued_us,
+            )
+        )
 
     async def _run(self, info: VersionInfo, mode: ArtifactKind, job: InvokeJob) -> InvokeResult:
         try:

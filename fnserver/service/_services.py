@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from .. import __version__
@@ -11,20 +11,30 @@ from .._quotas import LocalUsage, QuotaBook, SharedUsage, UsageTable
 from ..builder import Builder
 from ..config import ServerConfig
 from ..exec import ExecPool
+from ..invocations import SqliteInvocationStore
 from ..protocol import (
     PROTOCOL_VERSION,
+    Ack,
+    ClaimReply,
+    ClaimRequest,
     CompileReply,
     CompileRequest,
+    CompleteRequest,
     HelloReply,
     InvalidArgumentError,
+    InvocationRecord,
+    InvokeAccepted,
     InvokeRequest,
     InvokeResult,
     PingReply,
     PingRequest,
+    ReportRequest,
     ServerLimits,
+    ServerStats,
 )
 from ..registry import Registry
 from ._access import audit_event, authorize
+from ._calls import CallService, Dispatcher, LinkSource, LocalSource, Recorder, RelayedCallService
 from ._context import INTERNAL_ID, Caller, RequestContext
 from ._control import ControlLink, RelayedFunctionService, RelayedRegisterService
 from ._functions import FunctionService, fresh
@@ -77,6 +87,100 @@ class Services:
                 else LocalUsage()
             )
             self.invocations = InvokeService(registry, pool, config, self.quotas, self.usage)
+        # Async calls, records and tallies (``_calls.py``): the store lives where writes do.
+        self.calls: CallService | RelayedCallService
+        self.recorder: Recorder | None = None
+        self.dispatcher: Dispatcher | None = None
+        if link is not None:
+            self.calls = RelayedCallService(registry, link)
+
+            async def hand_over(records: list[InvocationRecord], gauges: ServerStats | None) -> None:
+                await link.call(ReportRequest(tuple(records), gauges, os.getpid()))
+
+            self.recorder = Recorder(hand_over, self.gauges)
+            self.dispatcher = Dispatcher(LinkSource(link), self._run_queued, config.async_concurrency)
+        else:
+            store = SqliteInvocationStore(config.data_dir / "invocations.sqlite3")
+            local = CallService(config, registry, store, self.gauges)
+            self.calls = local
+            if config.role == "all":
+
+                async def store_records(records: list[InvocationRecord], gauges: ServerStats | None) -> None:
+                    if records:
+                        await local.add_records(records)
+
+                self.recorder = Recorder(store_records)
+                self.dispatcher = Dispatcher(LocalSource(local), self._run_queued, config.async_concurrency)
+        self.invocations.recorder = self.recorder
+        #: Set by the server: its connections, loop lag and builder, for the gauges.
+        self.connection_count: Callable[[], int] = lambda: 0
+        self.loop_lag_s: Callable[[], float] = lambda: 0.0
+        self.builder = builder
+
+    async def start(self) -> None:
+        """Open the invocation store (where it lives here) and start recording and running
+        queued async calls."""
+        if isinstance(self.calls, CallService):
+            await self.calls.start()
+        if self.recorder is not None:
+            self.recorder.start()
+        if self.dispatcher is not None:
+            self.dispatcher.start()
+
+    async def close(self) -> None:
+        """Stop running async calls, write the last records, close the store."""
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
+        if self.recorder is not None:
+            await self.recorder.close()
+        if isinstance(self.calls, CallService):
+            await self.calls.close()
+
+    def gauges(self) -> ServerStats:
+        """This process's gauges (§5.14)."""
+        pool = self.pool.stats()
+        wasm = pool["wasm"]
+        workers = pool["workers"] if self.config.role != "serving" else 0
+        idle = pool["idle"] if self.config.role != "serving" else 0
+        return ServerStats(
+            processes=1 if self.config.role != "control" else 0,
+            connections=self.connection_count() if self.config.role != "control" else 0,
+            waiting=pool["queued"],
+            workers_total=workers,
+            workers_busy=max(0, workers - idle),
+            workers_idle=idle,
+            wasm_slots=wasm["slots"] if self.config.role != "control" else 0,
+            wasm_running=wasm["running"],
+            builds_running=self.builder.running if self.builder is not None else 0,
+            loop_lag_ms=round(self.loop_lag_s() * 1e3, 3),
+        )
+
+    async def invoke(self, ctx: RequestContext, req: InvokeRequest) -> InvokeResult | InvokeAccepted:
+        """§5.8: run the call, or with ``async`` queue it and answer with its id."""
+        if req.async_:
+            return await self.calls.submit(ctx, req)
+        return await self.invocations.invoke(ctx, req)
+
+    async def _run_queued(self, ctx: RequestContext, req: InvokeRequest, call_id: str,
+                          created: float) -> InvokeResult:
+        return await self.invocations.invoke(ctx, req, call_id=call_id, queued_since=created)
+
+    async def report(self, ctx: RequestContext, req: ReportRequest) -> Ack:
+        """§5.15 (the control process's side)."""
+        return await self._owner().report(ctx, req)
+
+    async def claim(self, ctx: RequestContext, req: ClaimRequest) -> ClaimReply:
+        """§5.15."""
+        return await self._owner().claim(ctx, req)
+
+    async def complete(self, ctx: RequestContext, req: CompleteRequest) -> Ack:
+        """§5.15."""
+        return await self._owner().complete(ctx, req)
+
+    def _owner(self) -> CallService:
+        if not isinstance(self.calls, CallService):
+            raise InvalidArgumentError("this process does not hold the invocation store")
+        return self.calls
 
     def authorize(self, ctx: RequestContext, op: str) -> None:
         """Raise PermissionDeniedError if the caller's role may not do ``op`` (``_access.py``)."""
@@ -151,8 +255,9 @@ class NativeOnlyInvokeService(InvokeService):
     """The control process's invoke: native calls relayed by the serving processes, never a
     wasm guest (guests run only in the unprivileged serving processes)."""
 
-    async def invoke(self, ctx: RequestContext, req: InvokeRequest) -> InvokeResult:
+    async def invoke(self, ctx: RequestContext, req: InvokeRequest, *, call_id: str | None = None,
+                     queued_since: float | None = None) -> InvokeResult:
         """§5.8, mode ``native`` only."""
         if req.mode != "native":
             raise InvalidArgumentError("the control process runs native calls only")
-        return await super().invoke(ctx, req)
+        return await super().invoke(ctx, req, call_id=call_id, queued_since=queued_since)

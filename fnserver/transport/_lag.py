@@ -43,6 +43,9 @@ class LagMonitor:
         self._sampled_for = -1.0
         self._handle: asyncio.TimerHandle | None = None
         self._stop = threading.Event()
+        self._window_at = time.monotonic()
+        self._window_worst = 0.0
+        self._previous_worst = 0.0
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -68,6 +71,10 @@ class LagMonitor:
     def _beat(self) -> None:
         now = time.monotonic()
         held = now - self._beat_at - self.interval_s
+        # The worst lateness of the last few seconds, for the stats gauges (§5.14).
+        if now - self._window_at > 5.0:
+            self._window_at, self._previous_worst, self._window_worst = now, self._window_worst, 0.0
+        self._window_worst = max(self._window_worst, held)
         if held > self.threshold_s:
             culprit, self._culprit = self._culprit, None
             self.warnings += 1
@@ -80,6 +87,11 @@ class LagMonitor:
         self._beat_at = now
         if not self._stop.is_set() and self._loop is not None:
             self._handle = self._loop.call_later(self.interval_s, self._beat)
+
+    def recent_lag_s(self) -> float:
+        """The longest the loop was held (beyond the heartbeat's pace) in the last 5-10 s."""
+        late = time.monotonic() - self._beat_at - self.interval_s if self._thread is not None else 0.0
+        return max(0.0, self._window_worst, self._previous_worst, late)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -27,14 +27,18 @@ from ..protocol import (
     OPERATIONS,
     OPS,
     PROTOCOL_VERSION,
+    Ack,
+    ClaimRequest,
     FnError,
     FrameDecoder,
     HelloRequest,
     InternalError,
     InvalidArgumentError,
+    LogsRequest,
     ProgressEvent,
     ProtocolError,
     RegisterRequest,
+    ReportRequest,
     ResourceExhaustedError,
     TooLargeError,
     UnauthenticatedError,
@@ -46,11 +50,14 @@ from ..protocol import (
     parse_request,
 )
 from ..service import Caller, RequestContext, Services, UploadSink, audit_event, audit_refused_hello
+from ..service._calls import follow_records
 from ._lag import LagMonitor
 
 __all__ = ["DISPATCHED_OPS", "TcpFront", "big_blocks_from_mmap"]
 
 log = logging.getLogger("fnserver")
+#: One line per request at info level (OPERATIONS.md "Logs").
+access = logging.getLogger("fnserver.access")
 
 #: Requests one connection may have in flight; bounds what one client can make the server hold.
 MAX_IN_FLIGHT: Final = 4096
@@ -70,10 +77,18 @@ _HANDLERS: Final[Mapping[str, _Handler]] = {
     "get": lambda s, ctx, req: s.functions.get(ctx, req),
     "delete": lambda s, ctx, req: s.audited(ctx, "delete", req.name, s.functions.delete(ctx, req)),
     "alias": lambda s, ctx, req: s.audited(ctx, "alias", req.name, s.functions.alias(ctx, req)),
-    "invoke": lambda s, ctx, req: s.invocations.invoke(ctx, req),
+    "invoke": lambda s, ctx, req: s.invoke(ctx, req),
     "compile": lambda s, ctx, req: s.compile(ctx, req),
+    "result": lambda s, ctx, req: s.calls.result(ctx, req),
+    "logs": lambda s, ctx, req: s.calls.logs(ctx, req),
+    "stats": lambda s, ctx, req: s.calls.stats(ctx, req),
+    "report": lambda s, ctx, req: s.report(ctx, req),
+    "claim": lambda s, ctx, req: s.claim(ctx, req),
+    "complete": lambda s, ctx, req: s.complete(ctx, req),
 }
 _CONNECTION_OPS: Final = frozenset({"hello", "register", "upload"})
+#: Internal operations (§5.15) are not worth an access line each.
+_QUIET_OPS: Final = frozenset({"report", "claim", "complete"})
 #: Every operation this front answers; a test checks it against the table and the spec.
 DISPATCHED_OPS: Final = frozenset(_HANDLERS) | _CONNECTION_OPS
 if DISPATCHED_OPS != OPS:  # pragma: no cover - caught at import, never as a KeyError on a live socket
@@ -312,6 +327,26 @@ def big_blocks_from_mmap() -> None:
         pass
 
 
+def _access_line(op: str, ctx: RequestContext | None, req: Any, reply: Any, outcome: str,
+                 seconds: float, peer: str) -> None:
+    """One line per request at info (``fnserver.access``): operation, tenant,
+    function@version, outcome code and duration; JSON logs get each as a field."""
+    name = getattr(req, "name", None) if not isinstance(req, ClaimRequest | ReportRequest) else None
+    version = getattr(reply, "version", None) if reply is not None else None
+    if not isinstance(version, int):
+        ref = getattr(req, "version", None)
+        version = ref if isinstance(ref, int | str) else None
+    function = f"{name}@{version}" if name and version is not None else (name or "-")
+    tenant = ctx.caller.tenant if ctx is not None else "-"
+    ms = round(seconds * 1e3, 3)
+    access.info(
+        "%s tenant=%s function=%s outcome=%s duration_ms=%.3f peer=%s",
+        op, tenant, function, outcome, ms, peer,
+        extra={"op": op, "tenant": tenant, "function": function, "code": outcome,
+               "duration_ms": ms, "peer": peer},
+    )
+
+
 def _report_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         asyncio.get_running_loop().call_exception_handler(
@@ -431,6 +466,12 @@ class Connection(asyncio.Protocol):
         """Reply bytes queued here or in the transport that the client has not taken yet."""
         t = self.transport
         return self._out_bytes + (t.get_write_buffer_size() if t is not None and not t.is_closing() else 0)
+
+    async def drained(self) -> None:
+        """Return once the client has taken most of its unread replies (a stream waits here
+        rather than piling up events; the write deadline drops a client that never reads)."""
+        while self.unread() > SMALL_REPLY // 2 and not self._closing:
+            await asyncio.sleep(0.05)
 
     def stalled_for(self, now: float) -> float:
         """Seconds the client has taken none of its unread replies (0 when it took some
@@ -672,7 +713,10 @@ class Connection(asyncio.Protocol):
         if op == "register":
             self._start_register(req_id, ctx, req)
             return
-        self._run(req_id, op, _HANDLERS[op](self.services, ctx, req))
+        if op == "logs" and req.follow:
+            self._start_follow(req_id, ctx, req)
+            return
+        self._run(req_id, op, _HANDLERS[op](self.services, ctx, req), ctx, req)
 
     def _hello(self, op: str, req_id: int, body: dict[str, Any]) -> None:
         if op != "hello":
@@ -739,12 +783,26 @@ class Connection(asyncio.Protocol):
                 self._uploads.pop(req_id, None)
                 self.hold_reading(reason, False)
 
-        self._run(req_id, "register", register())
+        self._run(req_id, "register", register(), ctx, req)
 
-    def _run(self, req_id: int, op: str, coro: Awaitable[_Reply]) -> None:
+    def _start_follow(self, req_id: int, ctx: RequestContext, req: LogsRequest) -> None:
+        """``logs`` with ``follow`` (§5.13): each record as an ``event`` until the client goes
+        (or the server stops); sent only while the client reads them (the reply caps hold)."""
+
+        async def follow() -> _Reply:
+            async for record in follow_records(lambda r: self.services.calls.logs(ctx, r), req):
+                self._send(encode_event(req_id, "record", record=record.to_wire()))
+                if self.unread() > SMALL_REPLY:
+                    await self.drained()
+            return Ack()
+
+        self._run(req_id, "logs", follow(), ctx, req)
+
+    def _run(self, req_id: int, op: str, coro: Awaitable[_Reply], ctx: RequestContext | None = None,
+             req: Any = None) -> None:
         self._in_flight.add(req_id)
         # Named after the request, so the loop-lag warning can say which one held the loop.
-        task = asyncio.ensure_future(self._answer(req_id, op, coro))
+        task = asyncio.ensure_future(self._answer(req_id, op, coro, ctx, req))
         task.set_name(f"{op} {self.tag}.{req_id}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -754,17 +812,25 @@ class Connection(asyncio.Protocol):
         if self._lost and not self._tasks:
             self.gone.set()
 
-    async def _answer(self, req_id: int, op: str, coro: Awaitable[_Reply]) -> None:
-        started = time.monotonic()
+    async def _answer(self, req_id: int, op: str, coro: Awaitable[_Reply], ctx: RequestContext | None,
+                      req: Any) -> None:
+        started = time.perf_counter()
+        outcome = "OK"
+        reply: _Reply | None = None
         try:
             reply = await coro
         except FnError as err:
+            outcome = err.code
             self._send(encode_error(req_id, err))
         except asyncio.CancelledError:
+            outcome = "UNAVAILABLE"
             self._send(encode_error(req_id, UnavailableError("server is shutting down")))
         except OSError as exc:
-            self._send(encode_error(req_id, self._os_error(op, req_id, exc)))
+            translated = self._os_error(op, req_id, exc)
+            outcome = translated.code
+            self._send(encode_error(req_id, translated))
         except Exception as exc:
+            outcome = "INTERNAL"
             log.exception("%s request %s/%d failed", op, self.tag, req_id)
             self._send(encode_error(req_id, InternalError(f"internal error: {type(exc).__name__}")))
         else:
@@ -779,7 +845,8 @@ class Connection(asyncio.Protocol):
                 self._send(frame if refused is None else encode_error(req_id, refused))
         finally:
             self._in_flight.discard(req_id)
-            log.debug("%s %s/%d done in %.1f ms", op, self.tag, req_id, (time.monotonic() - started) * 1e3)
+            if op not in _QUIET_OPS and access.isEnabledFor(logging.INFO):
+                _access_line(op, ctx, req, reply, outcome, time.perf_counter() - started, self.peer)
 
     def _os_error(self, op: str, req_id: int, exc: OSError) -> FnError:
         """An OSError a service let through, translated here at the boundary: what the host ran

@@ -6,6 +6,30 @@ library and the server<->worker pipe all use it. docs/PROTOCOL.md is the normati
 
 from __future__ import annotations
 
+from ._calls import (
+    CALL_STATES,
+    INVOCATION_ID_RE,
+    LATENCY_BUCKETS_MS,
+    MAX_LOGS,
+    Ack,
+    CallError,
+    CallState,
+    CallStatus,
+    ClaimedCall,
+    ClaimReply,
+    ClaimRequest,
+    CompleteRequest,
+    InvocationRecord,
+    InvokeAccepted,
+    LogsReply,
+    LogsRequest,
+    ReportRequest,
+    ResultRequest,
+    ServerStats,
+    StatsReply,
+    StatsRequest,
+    VersionStats,
+)
 from ._framing import DEFAULT_MAX_FRAME, HEADER_SIZE, FrameDecoder, encode_frame
 from ._messages import (
     CHUNK_SIZE,
@@ -84,6 +108,28 @@ from .errors import (
 )
 
 __all__ = [
+    "Ack",
+    "CALL_STATES",
+    "INVOCATION_ID_RE",
+    "LATENCY_BUCKETS_MS",
+    "MAX_LOGS",
+    "CallError",
+    "CallState",
+    "CallStatus",
+    "ClaimReply",
+    "ClaimRequest",
+    "ClaimedCall",
+    "CompleteRequest",
+    "InvocationRecord",
+    "InvokeAccepted",
+    "LogsReply",
+    "LogsRequest",
+    "ReportRequest",
+    "ResultRequest",
+    "ServerStats",
+    "StatsReply",
+    "StatsRequest",
+    "VersionStats",
     "ALIAS_RE",
     "ARTIFACT_KINDS",
     "CHUNK_SIZE",

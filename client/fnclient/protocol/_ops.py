@@ -11,6 +11,14 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, Protocol
 
+from ._calls import (
+    ClaimRequest,
+    CompleteRequest,
+    LogsRequest,
+    ReportRequest,
+    ResultRequest,
+    StatsRequest,
+)
 from ._records import (
     AliasRequest,
     CompileRequest,
@@ -66,6 +74,12 @@ OPERATIONS: Final[Mapping[str, Operation]] = MappingProxyType(
             Operation("alias", "§5.7", AliasRequest),
             Operation("invoke", "§5.8", InvokeRequest),
             Operation("compile", "§5.10", CompileRequest),
+            Operation("result", "§5.12", ResultRequest),
+            Operation("logs", "§5.13", LogsRequest),
+            Operation("stats", "§5.14", StatsRequest),
+            Operation("report", "§5.15", ReportRequest),
+            Operation("claim", "§5.15", ClaimRequest),
+            Operation("complete", "§5.15", CompleteRequest),
         )
     }
 )

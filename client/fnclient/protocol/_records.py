@@ -803,6 +803,8 @@ class InvokeRequest:
     args: tuple[str, ...] = ()
     timeout_ms: int | None = None
     mode: ArtifactKind | None = None
+    #: Queue the call and answer at once with its id (§5.8, §5.12).
+    async_: bool = False
 
     @classmethod
     def from_wire(cls, body: Mapping[str, Any]) -> InvokeRequest:
@@ -822,6 +824,7 @@ class InvokeRequest:
             args=tuple(args),
             timeout_ms=_int(body, "timeout_ms", 1, 2**31),
             mode=_mode(body.get("mode")),
+            async_=_bool(body, "async"),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -833,6 +836,7 @@ class InvokeRequest:
                 "args": list(self.args) or None,
                 "timeout_ms": self.timeout_ms,
                 "mode": self.mode,
+                "async": self.async_ or None,
             }
         )
 
@@ -854,6 +858,10 @@ class InvokeResult:
     wall_us: int = 0
     memory_peak: int = 0
     mode: str = "wasm"
+    #: The invocation's id, as its record in ``logs`` shows it (§5.13).
+    id: str = ""
+    #: The call loaded its module first (a cold start).
+    cold: bool = False
 
     @classmethod
     def from_wire(cls, result: Mapping[str, Any]) -> InvokeResult:
@@ -891,6 +899,8 @@ class InvokeResult:
             wall_us=number("wall_us"),
             memory_peak=number("memory_peak"),
             mode=mode or "wasm",
+            id=str(result.get("id") or ""),
+            cold=bool(result.get("cold", False)),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -905,6 +915,8 @@ class InvokeResult:
             "queue_us": self.queue_us,
             "wall_us": self.wall_us,
             "memory_peak": self.memory_peak,
+            "id": self.id,
+            "cold": self.cold,
         }
 
     @property

@@ -9,7 +9,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from fnclient import AsyncClient, NotFoundError, UnavailableError
+from fnclient import (
+    AsyncClient,
+    FunctionTimeoutError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
 from fnclient.protocol import InvocationRecord
 
 from fnserver.config import ServerConfig
@@ -62,9 +68,8 @@ async def test_unknown_ids_and_names(client: AsyncClient) -> None:
         await client.result("inv_" + "0" * 24)
     with pytest.raises(NotFoundError):
         await client.invoke_async("missing")
-    with pytest.raises(Exception) as info:
+    with pytest.raises(InvalidArgumentError):
         await client.result("not-an-id")
-    assert getattr(info.value, "code", None) == "INVALID_ARGUMENT"
 
 
 async def test_a_full_async_queue_is_unavailable(handle: ServerHandle) -> None:
@@ -119,7 +124,7 @@ async def test_every_invocation_leaves_a_record(client: AsyncClient) -> None:
     result = await client.invoke("echo", b"one")
     assert result.id.startswith("inv_")
     await client.invoke("exit3")
-    with pytest.raises(Exception):
+    with pytest.raises(FunctionTimeoutError):
         await client.invoke("spin")
     async_id = await client.invoke_async("echo", b"two")
     await client.result(async_id, wait=True)
@@ -165,7 +170,7 @@ async def test_stats_count_calls_errors_and_starts(client: AsyncClient) -> None:
     await _register(client, "spin", infinite_loop(), timeout_ms=100)
     for _ in range(5):
         await client.invoke("echo", b"x")
-    with pytest.raises(Exception):
+    with pytest.raises(FunctionTimeoutError):
         await client.invoke("spin")
     while True:
         stats = await client.stats()

@@ -33,7 +33,14 @@ from fnserver.transport import DISPATCHED_OPS
 
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md"
 #: Operations the client performs without a method of the same name.
-CLIENT_IMPLICIT = {"hello": "connect", "upload": "register"}
+CLIENT_IMPLICIT = {
+    "hello": "connect",
+    "upload": "register",
+    # Internal (§5.15): a serving process sends them as typed records through request().
+    "report": "request",
+    "claim": "request",
+    "complete": "request",
+}
 
 
 def spec_sections() -> dict[str, str]:

@@ -106,6 +106,7 @@ class SqliteInvocationStore:
         """Create the file and tables; put calls left running back in the queue."""
 
         def setup() -> None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")

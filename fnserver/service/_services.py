@@ -100,7 +100,8 @@ class Services:
             self.recorder = Recorder(hand_over, self.gauges)
             self.dispatcher = Dispatcher(LinkSource(link), self._run_queued, config.async_concurrency)
         else:
-            store = SqliteInvocationStore(config.data_dir / "invocations.sqlite3")
+            # Hidden like the build caches: not a function directory of the local store.
+            store = SqliteInvocationStore(config.data_dir / ".invocations" / "calls.sqlite3")
             local = CallService(config, registry, store, self.gauges)
             self.calls = local
             if config.role == "all":

@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import os
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final
@@ -51,6 +51,7 @@ from .protocol import (
     TooLargeError,
     UnavailableError,
     UploadChunk,
+    check_env,
     encode_request,
     error_from_wire,
     parse_version_ref,
@@ -468,6 +469,7 @@ class AsyncClient:
         alias: str | None = None,
         kind: str | None = None,
         description: str | None = None,
+        env: Mapping[str, str] | None = None,
         progress: ProgressCallback | None = None,
         fuel: int | None = None,
     ) -> dict[str, Any]:
@@ -523,6 +525,7 @@ class AsyncClient:
                 alias=alias,
                 kind=kind,
                 description=description or "",
+                env=check_env(env),
             ),
         )
         req_id, future = await self._start(req.op, req.to_wire(), progress)

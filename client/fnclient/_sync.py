@@ -11,7 +11,7 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ._async import AsyncClient, ProgressCallback, Source
@@ -116,6 +116,7 @@ class Client:
         description: str | None = None,
         progress: ProgressCallback | None = None,
         fuel: int | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """See :meth:`AsyncClient.register`."""
         return self._run(
@@ -130,6 +131,7 @@ class Client:
                 description=description,
                 progress=progress,
                 fuel=fuel,
+                env=env,
             )
         )
 

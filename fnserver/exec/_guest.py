@@ -54,6 +54,13 @@ class GuestRun:
             _b._wasmtime_store_delete(store)
 
 
+#: Environments are rebuilt only for new ones: every call of a version repeats its own.
+_env_cache: OrderedDict[
+    tuple[tuple[str, str], ...],
+    tuple[int, ctypes.Array[_CHAR_P], ctypes.Array[_CHAR_P], list[tuple[bytes, bytes]]],
+] = OrderedDict()
+
+
 def _argv(args: tuple[str, ...]) -> tuple[int, ctypes.Array[_CHAR_P]]:
     hit = _argv_cache.get(args)
     if hit is None:
@@ -66,10 +73,26 @@ def _argv(args: tuple[str, ...]) -> tuple[int, ctypes.Array[_CHAR_P]]:
     return hit[0], hit[1]
 
 
-def _wasi(args: tuple[str, ...], data: bytes) -> ctypes._Pointer:
+def _env(env: tuple[tuple[str, str], ...]) -> tuple[int, ctypes.Array[_CHAR_P], ctypes.Array[_CHAR_P]]:
+    hit = _env_cache.get(env)
+    if hit is None:
+        keep = [(k.encode(), v.encode()) for k, v in env]
+        names = (_CHAR_P * len(keep))(*(ctypes.cast(ctypes.c_char_p(k), _CHAR_P) for k, _ in keep))
+        values = (_CHAR_P * len(keep))(*(ctypes.cast(ctypes.c_char_p(v), _CHAR_P) for _, v in keep))
+        hit = (len(keep), names, values, keep)
+        _env_cache[env] = hit
+        if len(_env_cache) > _ARGV_CACHE_MAX:
+            _env_cache.popitem(last=False)
+    return hit[0], hit[1], hit[2]
+
+
+def _wasi(args: tuple[str, ...], data: bytes, env: tuple[tuple[str, str], ...] = ()) -> ctypes._Pointer:
     wasi = _b._wasi_config_new()
     argc, argv = _argv(args)
     _b._wasi_config_set_argv(wasi, argc, argv)
+    if env:  # the version's environment (§5.2 options.env), copied by wasmtime
+        envc, names, values = _env(env)
+        _b._wasi_config_set_env(wasi, envc, names, values)
     vec = _ffi.wasm_byte_vec_t()
     _b._wasm_byte_vec_new_uninitialized(ctypes.byref(vec), len(data))
     if data:
@@ -92,6 +115,7 @@ def run_guest(
     timeout_ns: int | None = None,
     out_cap: int = 0,
     err_keep: int = 0,
+    env: tuple[tuple[str, str], ...] = (),
 ) -> GuestRun:
     """Instantiate ``pre`` in a fresh Store and run ``_start``; never raises for guest faults.
 
@@ -106,7 +130,7 @@ def run_guest(
     try:
         ctx = _b._wasmtime_store_context(store)
         _b._wasmtime_store_limiter(store, memory_limit, -1, -1, -1, -1)
-        err = _b._wasmtime_context_set_wasi(ctx, _wasi(args, stdin))
+        err = _b._wasmtime_context_set_wasi(ctx, _wasi(args, stdin, env))
         if err:
             raise wasmtime.WasmtimeError._from_ptr(err)
         # Right after the WASI context (so the guest's monotonic clock) exists: the waiting

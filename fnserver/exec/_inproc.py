@@ -396,6 +396,7 @@ class WasmRunner:
                 timeout_ns=timeout_ns,
                 out_cap=cap,
                 err_keep=STDERR_MAX,
+                env=job.env,
             )
         finally:
             self._calls.discard(call)

@@ -453,6 +453,7 @@ class ExecPool:
             timeout_ms=lim.timeout_ms,
             memory_mb=lim.memory_mb,
             output_bytes=lim.output_bytes,
+            env=job.env,
         )
         frame = encode_frame(request.to_wire())
         timeout_s = lim.timeout_ms / 1000 + NATIVE_GRACE_S

@@ -41,3 +41,5 @@ class InvokeJob:
     limits: Limits
     #: The caller's tenant: calls waiting for a slot take turns by tenant first (fairness).
     tenant: str = ""
+    #: The version's environment variables, as (name, value) pairs.
+    env: tuple[tuple[str, str], ...] = ()

@@ -57,11 +57,14 @@ class RunRequest:
     timeout_ms: int
     memory_mb: int
     output_bytes: int
+    #: The function's environment: all the binary gets (nothing of the server's own).
+    env: tuple[tuple[str, str], ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map of this record."""
         return {
             "t": self.TAG,
+            "env": [list(pair) for pair in self.env],
             "function": self.function,
             "path": self.path,
             "input": self.input,
@@ -85,7 +88,18 @@ class RunRequest:
             timeout_ms=_get(body, "timeout_ms", int),
             memory_mb=_get(body, "memory_mb", int),
             output_bytes=_get(body, "output_bytes", int),
+            env=_env_pairs(body.get("env")),
         )
+
+
+def _env_pairs(value: object) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in value
+    ):
+        raise PipeError("pipe message 'run': env must be [name, value] pairs of strings")
+    return tuple((p[0], p[1]) for p in value)
 
 
 #: Refusals (``SandboxInfo.refused``) that leave a native call without its sandbox.

@@ -191,7 +191,7 @@ class Worker:
                 pid = os.posix_spawn(
                     f"/proc/self/fd/{exe_fd}" if exe_fd is not None else path,
                     [name, *req.args],
-                    {},
+                    {k: v for k, v in req.env if "=" not in k},
                     file_actions=[
                         (os.POSIX_SPAWN_DUP2, in_fd, 0),
                         (os.POSIX_SPAWN_DUP2, self.out_fd, 1),

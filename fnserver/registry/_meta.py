@@ -10,7 +10,7 @@ and the local store fills in the missing digests from the files when it loads th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -45,6 +45,7 @@ class NewVersion:
     toolchain: str | None = None
     build_ms: int = 0
     build_log: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def to_info(
         self, name: str, version: int, created: str, digests: Mapping[ArtifactKind, str]
@@ -69,6 +70,7 @@ class NewVersion:
             build_ms=self.build_ms,
             artifact_sha256={k: digests[k] for k in artifacts},
             build_log=self.build_log,
+            env=dict(self.env),
         )
 
 
@@ -76,6 +78,8 @@ def encode(info: VersionInfo) -> dict[str, Any]:
     """The stored record of ``info``: its wire form with the log, without aliases, schema 2."""
     doc = info.to_wire(log=True)
     del doc["aliases"]
+    # The values too (the wire form has the names only): the function needs them to run.
+    doc["env"] = dict(info.env)
     doc["schema"] = SCHEMA
     return doc
 

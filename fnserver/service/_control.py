@@ -126,6 +126,7 @@ class ControlLink:
                 description=o.description or None,
                 progress=relay,
                 fuel=o.fuel,
+                env=o.env,
             )
         except UnavailableError as exc:
             raise _unavailable(exc) from None

@@ -158,6 +158,7 @@ class InvokeService:
                 output_bytes=self.config.output_bytes,
             ),
             tenant=tenant,
+            env=tuple(sorted(info.env.items())),
         )
 
     async def _after_failure(

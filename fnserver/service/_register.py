@@ -316,6 +316,7 @@ class RegisterService:
                     fuel=o.fuel,
                 ),
                 description=o.description,
+                env=dict(o.env),
                 toolchain=built.toolchain,
                 build_ms=built.build_ms,
                 build_log=built.log or None,

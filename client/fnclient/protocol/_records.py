@@ -57,6 +57,8 @@ __all__ = [
     "DEFAULT_TENANT",
     "QUALIFIED_NAME_RE",
     "check_alias",
+    "check_env",
+    "ENV_NAME_RE",
     "check_name",
     "qualify",
     "split_qualified",
@@ -77,6 +79,11 @@ RESERVED_ALIASES: Final = frozenset({"latest"})
 MAX_FUEL: Final = 10**12
 MAX_VERSION: Final = 2**62
 _SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
+#: Function environment variables (§5.2 ``options.env``): POSIX-style names.
+ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+MAX_ENV_VARS: Final = 64
+#: Names and values together, bytes of UTF-8.
+MAX_ENV_BYTES: Final = 32 * 1024
 #: Longest page a ``get`` returns (§5.5): 100 versions of metadata without logs is ~60 KiB.
 MAX_PAGE: Final = 100
 DEFAULT_PAGE: Final = 50
@@ -187,6 +194,28 @@ def _mode(value: object, key: str = "mode") -> ArtifactKind | None:
     if value not in ARTIFACT_KINDS:
         raise InvalidArgumentError(f"'{key}' must be 'wasm' or 'native', got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_env(env: object) -> dict[str, str]:
+    """A function's environment (§5.2 ``options.env``): a map of variable names to values."""
+    if env is None:
+        return {}
+    if not isinstance(env, Mapping):
+        raise InvalidArgumentError("'env' must be a map of variable names to string values")
+    if len(env) > MAX_ENV_VARS:
+        raise InvalidArgumentError(f"'env' has {len(env)} variables; at most {MAX_ENV_VARS} are allowed")
+    total = 0
+    for key, value in env.items():
+        if not isinstance(key, str) or not ENV_NAME_RE.match(key):
+            raise InvalidArgumentError(
+                f"invalid environment variable name {key!r}: letters, digits and _, not starting with a digit"
+            )
+        if not isinstance(value, str) or "\x00" in value:
+            raise InvalidArgumentError(f"environment variable {key} must have a string value without NUL")
+        total += len(key.encode()) + len(value.encode())
+    if total > MAX_ENV_BYTES:
+        raise InvalidArgumentError(f"'env' holds {total} bytes; at most {MAX_ENV_BYTES} are allowed")
+    return dict(env)
 
 
 def _present(fields: dict[str, Any]) -> dict[str, Any]:
@@ -340,6 +369,8 @@ class RegisterOptions:
     alias: str | None = None
     kind: str | None = None
     description: str = ""
+    #: Environment variables the function sees (wasm: WASI environ; native: its environment).
+    env: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_wire(cls, opts: object) -> RegisterOptions:
@@ -362,6 +393,7 @@ class RegisterOptions:
             alias=None if alias is None else check_alias(alias),
             kind=kind,
             description=description,
+            env=check_env(opts.get("env")),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -373,6 +405,7 @@ class RegisterOptions:
                 "alias": self.alias,
                 "kind": self.kind,
                 "description": self.description or None,
+                "env": dict(self.env) or None,
             }
         )
 
@@ -503,6 +536,9 @@ class VersionInfo:
     artifact_sha256: Mapping[str, str] = field(default_factory=dict)
     build_log: str | None = None
     aliases: tuple[str, ...] = ()
+    #: The version's environment. Stored with its values; sent as its sorted names only
+    #: (values may be secrets: §5.9).
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def to_wire(self, *, log: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -521,6 +557,7 @@ class VersionInfo:
             "build_ms": self.build_ms,
             "artifact_sha256": dict(self.artifact_sha256),
             "aliases": list(self.aliases),
+            "env": sorted(self.env),
         }
         if log and self.build_log:
             out["build_log"] = self.build_log
@@ -555,6 +592,13 @@ class VersionInfo:
             return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
         toolchain = m.get("toolchain")
+        env = m.get("env")
+        if isinstance(env, Mapping):  # stored metadata: names and values
+            env_map = {str(k): str(v) for k, v in env.items()}
+        elif isinstance(env, list | tuple):  # a reply: names only
+            env_map = {str(k): "" for k in env}
+        else:
+            env_map = {}
         return cls(
             name=name,
             version=version,
@@ -576,6 +620,7 @@ class VersionInfo:
             },
             build_log=log if isinstance(log, str) else None,
             aliases=tuple(a for a in aliases if isinstance(a, str)) if isinstance(aliases, list | tuple) else (),
+            env=env_map,
         )
 
 

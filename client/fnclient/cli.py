@@ -9,16 +9,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 
 from . import __version__
 from ._async import AsyncClient
 from ._results import InvokeResult
-from .protocol import PROTOCOL_VERSION, BuildError, FnError, InvalidArgumentError, parse_version_ref
+from .protocol import (
+    PROTOCOL_VERSION,
+    BuildError,
+    FnError,
+    InvalidArgumentError,
+    InvocationRecord,
+    parse_version_ref,
+)
 
 __all__ = ["main", "parse_target"]
 
@@ -101,7 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", metavar="A", help="point this alias at the new version")
     p.add_argument("--kind", metavar="KIND", help="override the kind picked by the extension")
     p.add_argument("--description", metavar="TEXT")
+    p.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE",
+        help="an environment variable the function sees (repeatable; over --env-file)",
+    )
+    p.add_argument(
+        "--env-file", metavar="FILE",
+        help="environment variables, one KEY=VALUE per line (# comments, 'export' and quotes allowed)",
+    )
     p.add_argument("--json", action="store_true", help="print the version metadata as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only the result")
 
     p = sub.add_parser(
         "invoke",
@@ -115,7 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--input-file", metavar="PATH", help="read the input from a file")
     p.add_argument("--timeout", type=_positive_int, metavar="MS")
     p.add_argument("--mode", choices=["native", "wasm"])
+    p.add_argument("--async", dest="async_", action="store_true",
+                   help="queue the call and print its invocation id; 'fn result ID' fetches it")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("result", parents=[common], help="the state or result of an async invocation")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--wait", action="store_true", help="wait until the call has finished")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("logs", parents=[common], help="a function's invocation records, newest last")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--version", type=_positive_int, metavar="V", help="only this version's calls")
+    p.add_argument("--limit", type=_positive_int, default=20, metavar="N", help="how many (default 20)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new calls as they happen")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("stats", parents=[common], help="calls, errors and latency per function version")
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("list", parents=[common], help="list your tenant's functions")
     p.add_argument("--all", action="store_true", help="every tenant's functions (admin tokens)")
@@ -202,8 +240,39 @@ async def _run(ns: argparse.Namespace) -> int:
 # -- commands ------------------------------------------------------------------------------
 
 
+def parse_env(pairs: Sequence[str], env_file: str | None) -> dict[str, str]:
+    """``--env-file`` then each ``--env KEY=VALUE``; ValueError says what is wrong."""
+    env: dict[str, str] = {}
+    if env_file is not None:
+        with open(env_file, encoding="utf-8") as f:
+            for number, raw in enumerate(f, 1):
+                line = raw.strip()
+                if not line or line.startswith("#"):
+                    continue
+                if line.startswith("export "):
+                    line = line[len("export "):].lstrip()
+                key, eq, value = line.partition("=")
+                if not eq or not key.strip():
+                    raise ValueError(f"{env_file}:{number}: expected KEY=VALUE, got {raw.rstrip()!r}")
+                value = value.strip()
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                    value = value[1:-1]
+                env[key.strip()] = value
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--env takes KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
 async def _cmd_register(client: AsyncClient, ns: argparse.Namespace) -> int:
-    progress = _Progress(sys.stderr, os.path.basename(ns.file))
+    try:
+        env = parse_env(ns.env, ns.env_file)
+    except ValueError as exc:
+        print(f"fn: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    progress = _Progress(sys.stderr, os.path.basename(ns.file), quiet=ns.quiet)
     try:
         meta = await client.register(
             ns.name,
@@ -215,6 +284,7 @@ async def _cmd_register(client: AsyncClient, ns: argparse.Namespace) -> int:
             kind=ns.kind,
             description=ns.description,
             progress=progress,
+            env=env or None,
         )
     finally:
         progress.finish()
@@ -235,26 +305,49 @@ async def _cmd_register(client: AsyncClient, ns: argparse.Namespace) -> int:
 
 
 class _Progress:
-    """Progress events (§5.3) as stderr lines, only on a terminal.
+    """Progress events (§5.3) as stderr lines with the time since the upload began.
 
-    Redirected, stderr holds nothing but a failure (``error: CODE: message`` as its first
-    line), so scripts and CI logs can rely on it.
+    On a terminal: an upload counter, then a line per stage. Redirected: plain lines, and only
+    once the work has taken a couple of seconds, so quick registers (and quick failures, whose
+    ``error: CODE: message`` line comes first) stay silent while a long build never looks hung.
     """
 
-    def __init__(self, out: TextIO, filename: str) -> None:
+    #: Redirected, stay quiet for this long.
+    QUIET_S: Final = 2.0
+
+    def __init__(self, out: TextIO, filename: str, *, quiet: bool = False) -> None:
         self.out = out
         self.filename = filename
         self.tty = out.isatty()
+        self.quiet = quiet
         self._open_line = False
+        self._started = time.monotonic()
+        self._said_upload = False
+
+    def _elapsed(self) -> str:
+        return f"[{time.monotonic() - self._started:5.1f}s]"
 
     def __call__(self, event: dict[str, Any]) -> None:
-        if not self.tty:
+        if self.quiet:
             return
         stage = event.get("stage")
+        if not self.tty:
+            if time.monotonic() - self._started < self.QUIET_S:
+                return
+            if stage == "upload":
+                received, size = event.get("received") or 0, event.get("size") or 0
+                if received < size or self._said_upload:
+                    return
+                self._said_upload = True
+                self.out.write(f"{self._elapsed()} uploaded {self.filename} ({size / _MIB:.1f} MiB)\n")
+            else:
+                self.out.write(f"{self._elapsed()} {stage}: {event.get('message') or ''}\n")
+            self.out.flush()
+            return
         if stage == "upload":
             received, size = event.get("received") or 0, event.get("size") or 0
             self.out.write(
-                f"\ruploading {self.filename}: {received / _MIB:.1f}/{size / _MIB:.1f} MiB"
+                f"\r{self._elapsed()} uploading {self.filename}: {received / _MIB:.1f}/{size / _MIB:.1f} MiB"
             )
             self._open_line = True
         else:
@@ -262,7 +355,7 @@ class _Progress:
                 self.out.write("\n")
                 self._open_line = False
             message = event.get("message") or ""
-            self.out.write(f"{stage}: {message}\n" if stage else f"{message}\n")
+            self.out.write(f"{self._elapsed()} {stage}: {message}\n" if stage else f"{self._elapsed()} {message}\n")
         self.out.flush()
 
     def finish(self) -> None:
@@ -281,15 +374,143 @@ async def _cmd_invoke(client: AsyncClient, ns: argparse.Namespace) -> int:
         with open(ns.input_file, "rb") as f:
             data = f.read()
     else:
-        data = await asyncio.to_thread(sys.stdin.buffer.read)
+        if sys.stdin.isatty():
+            print("fn: reading the input from the terminal; end it with Ctrl-D (Ctrl-C cancels)", file=sys.stderr)
+        data = await _read_stdin()
+    if ns.async_:
+        call_id = await client.invoke_async(
+            name, data, version=version, args=ns.fn_args, timeout_ms=ns.timeout, mode=ns.mode
+        )
+        if ns.json:
+            _print_json({"id": call_id, "state": "queued"})
+        else:
+            print(call_id)
+        return 0
     result = await client.invoke(
         name, data, version=version, args=ns.fn_args, timeout_ms=ns.timeout, mode=ns.mode
     )
     if ns.json:
-        _print_json(result.to_json())
+        _print_json(_result_json(result))
     else:
         _write_result(result)
     return result.exit_code % 256
+
+
+async def _read_stdin() -> bytes:
+    """All of stdin, read on a daemon thread: Ctrl-C reaches the event loop (and ends ``fn``
+    with 130) even while the read blocks on a terminal."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bytes] = loop.create_future()
+
+    def settle(data: bytes | None, exc: BaseException | None) -> None:
+        if done.done():
+            return
+        if exc is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(data or b"")
+
+    def read() -> None:
+        try:
+            data = sys.stdin.buffer.read()
+        except Exception as exc:  # handed to the loop as it is
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, data, None)
+
+    threading.Thread(target=read, name="fn-stdin", daemon=True).start()
+    return await done
+
+
+def _result_json(result: InvokeResult) -> dict[str, Any]:
+    """The result as JSON, bytes intact: output and stderr that are not UTF-8 are given as
+    ``output_base64`` / ``stderr_base64`` instead."""
+    out = result.to_wire()
+    for key in ("output", "stderr"):
+        data: bytes = out.pop(key)
+        try:
+            out[key] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            out[f"{key}_base64"] = base64.b64encode(data).decode("ascii")
+    return out
+
+
+async def _cmd_result(client: AsyncClient, ns: argparse.Namespace) -> int:
+    status = await client.result(ns.id, wait=ns.wait)
+    if ns.json:
+        doc = status.to_wire()
+        if status.result is not None:
+            doc["result"] = _result_json(status.result)
+        _print_json(doc)
+        return 0
+    if status.state == "done" and status.result is not None:
+        _write_result(status.result)
+        return status.result.exit_code % 256
+    if status.state == "failed" and status.error is not None:
+        print(f"error: {status.error.code}: {status.error.message}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{status.id}: {status.state} ({status.name})", file=sys.stderr)
+    return 0
+
+
+def _record_line(r: InvocationRecord) -> str:
+    when = datetime.fromtimestamp(r.started, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+    outcome = f"exit {r.exit_code}" if r.error is None else r.error
+    tail = r.stderr_tail.decode("utf-8", "replace").strip().replace("\n", " | ")
+    line = (
+        f"{when}  {r.name}@{r.version}  {r.mode:<5} {r.runtime:<6} {outcome:<10}"
+        f" wall {r.wall_us / 1000:.2f} ms (queue {r.queue_us / 1000:.2f}, run {r.run_us / 1000:.2f})"
+        f"  out {_size(r.output_size)}{'  cold' if r.cold else ''}  {r.id}"
+    )
+    return line + (f"\n    stderr: {tail[-200:]}" if tail else "")
+
+
+async def _cmd_logs(client: AsyncClient, ns: argparse.Namespace) -> int:
+    def show(r: InvocationRecord) -> None:
+        if ns.json:
+            print(json.dumps(r.to_json(), sort_keys=True), flush=True)
+        else:
+            print(_record_line(r), flush=True)
+
+    if ns.follow:
+        async for record in client.follow_logs(ns.name, version=ns.version, limit=ns.limit):
+            show(record)
+        return 0
+    records = await client.logs(ns.name, version=ns.version, limit=ns.limit)
+    if not records and not ns.json:
+        print(f"no invocations of {ns.name} recorded yet", file=sys.stderr)
+    for record in records:
+        show(record)
+    return 0
+
+
+async def _cmd_stats(client: AsyncClient, ns: argparse.Namespace) -> int:
+    stats = await client.stats(ns.name)
+    if ns.json:
+        _print_json(stats.to_wire())
+        return 0
+    rows = [["FUNCTION", "VERSION", "CALLS", "ERRORS", "P50 MS", "P99 MS", "WARM", "COLD"]]
+    for f in stats.functions:
+        errors = ",".join(f"{code}={n}" for code, n in sorted(f.errors.items())) or "-"
+        rows.append([
+            f.name, str(f.version), str(f.calls), errors,
+            "-" if f.p50_ms is None else f"{f.p50_ms:.2f}",
+            "-" if f.p99_ms is None else f"{f.p99_ms:.2f}",
+            str(f.warm), str(f.cold),
+        ])
+    if len(rows) > 1:
+        _print_table(rows)
+    else:
+        print("no calls recorded yet", file=sys.stderr)
+    s = stats.server
+    print(
+        f"server: {s.processes} serving process(es), {s.connections} connection(s),"
+        f" async queue {s.async_queued}, waiting {s.waiting}, native workers"
+        f" {s.workers_busy} busy/{s.workers_idle} idle/{s.workers_total},"
+        f" wasm {s.wasm_running}/{s.wasm_slots} slots, builds {s.builds_running},"
+        f" loop lag {s.loop_lag_ms:.1f} ms"
+    )
+    return 0
 
 
 def _write_result(result: InvokeResult) -> None:
@@ -367,6 +588,8 @@ def _describe_version(meta: dict[str, Any]) -> str:
         lines.append(f"    aliases {', '.join(map(str, meta['aliases']))}")
     if meta.get("description"):
         lines.append(f"    description {meta['description']}")
+    if meta.get("env"):  # names only: the server never sends the values back
+        lines.append(f"    env {', '.join(map(str, meta['env']))}")
     return "\n".join(lines)
 
 
@@ -429,6 +652,9 @@ _COMMANDS: Final = {
     "alias": _cmd_alias,
     "ping": _cmd_ping,
     "whoami": _cmd_whoami,
+    "result": _cmd_result,
+    "logs": _cmd_logs,
+    "stats": _cmd_stats,
 }
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import __version__
+from ._configfile import ConfigError, defaults_from, environ, options_of, to_toml
+from ._logs import setup_logging
 from ._tls import TlsConfigError, server_context
 from .config import ServerConfig, TenantLimits
 from .protocol import FnError
@@ -88,7 +90,17 @@ def parse_command(argv: list[str] | None = None) -> Command:
     p.add_argument("--tenant-max-concurrency", type=int, default=None, help="invocations of one tenant running at once, server-wide (default: no limit)")
     p.add_argument("--tenant-max-rps", type=float, default=None, help="invocations per second of one tenant, server-wide (default: no limit)")
     p.add_argument("--tenant-max-builds", type=int, default=None, help="registers of one tenant building at once (default: no limit)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # Operations (OPERATIONS.md "Async invocations", "Invocation logs", "Metrics", "Logs").
+    p.add_argument("--async-max-queue", type=int, default=d.async_max_queue, help=f"async invocations that may wait, server-wide; past it UNAVAILABLE (default {d.async_max_queue})")
+    p.add_argument("--async-concurrency", type=int, default=d.async_concurrency, help=f"async invocations one serving process runs at once (default {d.async_concurrency})")
+    p.add_argument("--result-ttl", type=float, default=d.result_ttl_s, help=f"seconds an async result is kept after it finished (default {d.result_ttl_s:g})")
+    p.add_argument("--max-records", type=int, default=d.max_records, help=f"invocation records kept for 'fn logs', server-wide (default {d.max_records})")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics over HTTP on this port (default: off)")
+    p.add_argument("--metrics-host", default=None, help="address of the metrics port (default: --host)")
+    p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"], help="info logs one access line per request (default info)")
+    p.add_argument("--log-format", default=d.log_format, choices=["text", "json"], help="text: human lines; json: one JSON object per line (default text)")
+    p.add_argument("--config", type=Path, default=None, help="read options from this TOML file (keys: the flags' names with underscores); FNSERVER_<KEY> variables override it, flags override both")
+    p.add_argument("--print-config", action="store_true", help="print the effective configuration as TOML and exit")
     p.add_argument("--version", action="version", version=f"fnserver {__version__}")
     # Set by the supervisor for the serving processes it starts (fnserver/supervisor.py).
     p.add_argument("--serve-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -98,6 +110,15 @@ def parse_command(argv: list[str] | None = None) -> Command:
     p.add_argument("--secret-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--usage-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--usage-column", type=int, default=None, help=argparse.SUPPRESS)
+    # Defaults < the --config file < FNSERVER_* variables < flags (OPERATIONS.md "Configuration").
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=None)
+    known, _rest = pre.parse_known_args(argv)
+    options = options_of(p)
+    try:
+        p.set_defaults(**defaults_from(options, known.config, environ()))
+    except ConfigError as exc:
+        p.exit(2, f"fnserver: error: {exc}\n")  # the file or variable to fix, without the usage
     a = p.parse_args(argv)
     for flag in ("workers", "processes", "slots", "slots_per_function", "per_function", "max_artifact_mb"):
         value = getattr(a, flag)
@@ -109,12 +130,22 @@ def parse_command(argv: list[str] | None = None) -> Command:
     for flag in ("tenant_max_functions", "tenant_max_versions", "tenant_max_storage_mb", "tenant_max_concurrency", "tenant_max_builds"):
         if getattr(a, flag) is not None and getattr(a, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be 0 or more")
+    for flag in ("async_max_queue", "async_concurrency", "max_records"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if not a.result_ttl > 0:
+        p.error("--result-ttl must be more than 0")
+    if a.metrics_port is not None and not 0 <= a.metrics_port <= 65535:
+        p.error("--metrics-port must be a port number from 0 to 65535")
+    if a.print_config:
+        sys.stdout.write(to_toml(options, a))
+        raise SystemExit(0)
     if a.tenant_max_rps is not None and not a.tenant_max_rps > 0:
         p.error("--tenant-max-rps must be more than 0")
     for flag in ("hello_timeout", "frame_timeout", "idle_timeout", "write_timeout"):
         if not getattr(a, flag) > 0:
             p.error(f"--{flag.replace('_', '-')} must be more than 0")
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(a.log_level, a.log_format)
     processes = a.processes or os.cpu_count() or 1
     shared = os.environ.get("FNSERVER_TOKEN") or None
     if a.token:
@@ -174,6 +205,14 @@ def parse_command(argv: list[str] | None = None) -> Command:
         ),
         usage_fd=a.usage_fd,
         usage_column=a.usage_column,
+        async_max_queue=a.async_max_queue,
+        async_concurrency=a.async_concurrency,
+        result_ttl_s=a.result_ttl,
+        max_records=a.max_records,
+        metrics_port=a.metrics_port,
+        metrics_host=a.metrics_host,
+        log_level=a.log_level,
+        log_format=a.log_format,
     )
     return Command(config, processes, a.ready_fd, a.secret_fd)
 

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import ssl
+import time
 from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
@@ -152,10 +153,14 @@ class FnServer:
 
     async def _warm_builds(self) -> None:
         assert self.builder is not None
+        log.info("warming the C toolchain cache in the background (a C or Zig build started now waits for it)")
+        started = time.monotonic()
         try:
             await self.builder.warm()
         except Exception as exc:  # a failed warm-up only means a slower first build
             log.warning("warming the C toolchain cache failed: %s", exc)
+        else:
+            log.info("C toolchain cache warm in %.1f s", time.monotonic() - started)
 
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         """Run a server-owned background task; it is cancelled at stop."""

@@ -23,10 +23,9 @@ import wasmtime
 
 from ..protocol import FnError, InternalError, InvalidArgumentError, encode_frame
 from ._engine import make_engine
+from ._types import COMPILE_DATA
 from ._wire import Compiled, RunError
 
-#: RLIMIT_DATA: what the compiler may really allocate (a Go module needs a few hundred MiB).
-COMPILE_DATA: Final = 4 << 30
 #: RLIMIT_AS backstop: the main engine reserves its 4 GiB pooled memory slot at creation.
 COMPILE_AS: Final = 8 << 30
 #: The largest artifact the compiler reads (the server's upload cap is far below).

@@ -40,9 +40,9 @@ from ._cachefile import (
     open_verified,
     parse_module_file_name,
 )
-from ._compile import COMPILE_DATA
 from ._engine import engine_key
 from ._sandbox import child_env
+from ._types import COMPILE_DATA
 from ._wire import PIPE_MAX_FRAME, Compiled, PipeError, RunError, decode
 
 __all__ = ["COMPILE_TIMEOUT_S", "CompiledModule", "ModuleCache"]

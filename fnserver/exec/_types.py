@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from ..protocol import ArtifactKind
 
@@ -43,3 +44,9 @@ class InvokeJob:
     tenant: str = ""
     #: The version's environment variables, as (name, value) pairs.
     env: tuple[tuple[str, str], ...] = ()
+
+
+#: RLIMIT_DATA of a compile process (``_compile.py``): what the compiler may really allocate
+#: (a Go module needs a few hundred MiB). Here, not there: importing ``_compile`` from the
+#: package would make ``python -m fnserver.exec._compile`` warn that it ran twice.
+COMPILE_DATA: Final = 4 << 30

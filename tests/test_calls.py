@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -212,7 +213,10 @@ async def test_metrics_port_serves_prometheus_text(server_config: ServerConfig, 
 
 async def test_under_the_supervisor_async_logs_stats_and_metrics(tmp_path: Path) -> None:
     """Serving processes run the calls; the control process holds the store and the metrics."""
-    proc, address = await start_server_process(tmp_path, "--processes", "2", "--metrics-port", "0")
+    with socket.socket() as probe:  # a free port (the control process binds it after us)
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    proc, address = await start_server_process(tmp_path, "--processes", "2", "--metrics-port", str(metrics_port))
     server = ServerProcess(proc, address)
     try:
         async with AsyncClient(address) as c:
@@ -232,8 +236,7 @@ async def test_under_the_supervisor_async_logs_stats_and_metrics(tmp_path: Path)
             assert stats.server.workers_total >= 2
         code, out, err = await run_fn(address, "logs", "echo", "--json")
         assert code == 0, err
-        port_line = next(line for line in server.log if "Prometheus metrics on" in line)
-        url = port_line.split("Prometheus metrics on ")[1].split()[0]
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=30).read().decode())
         assert 'fnserver_invocations_total{function="echo",tenant="default",version="1"} 2.0' in text
     finally:

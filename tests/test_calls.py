@@ -24,6 +24,7 @@ from fnserver.config import ServerConfig
 from .conftest import ServerHandle, ServerProcess, run_fn, start_server_process
 from .wasm_fixtures import echo, exit_code, infinite_loop, sleep_then_write
 
+
 async def _register(c: AsyncClient, name: str, module: bytes, **kw: object) -> int:
     meta = await c.register(name, module, filename=f"{name}.wasm", **kw)  # type: ignore[arg-type]
     return int(meta["version"])

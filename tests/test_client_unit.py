@@ -921,7 +921,7 @@ def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.startswith("fn (fnclient) ")
 
 
-def test_cli_progress_lines_on_a_terminal() -> None:
+def test_cli_progress_on_a_terminal_shows_stages_with_elapsed_time() -> None:
     class Tty(io.StringIO):
         def isatty(self) -> bool:
             return True
@@ -929,9 +929,29 @@ def test_cli_progress_lines_on_a_terminal() -> None:
     out = Tty()
     progress = cli._Progress(out, "main.go")
     progress({"stage": "upload", "received": 1 << 20, "size": 3 << 20, "message": ""})
-    progress({"stage": "build", "message": "go build"})
     progress({"stage": "upload", "received": 3 << 20, "size": 3 << 20, "message": ""})
+    progress({"stage": "build", "message": "go build"})
     progress.finish()
-    assert out.getvalue() == (
-        "\ruploading main.go: 1.0/3.0 MiB\nbuild: go build\n\ruploading main.go: 3.0/3.0 MiB\n"
-    )
+    text = out.getvalue()
+    assert "uploading main.go (3.0 MiB)" in text and "build: go build" in text
+    assert "0:00:0" in text  # each line's elapsed time
+
+
+def test_cli_progress_when_piped_is_plain_and_only_for_long_work() -> None:
+    out = io.StringIO()
+    progress = cli._Progress(out, "main.go")
+    progress({"stage": "build", "message": "quick"})
+    assert out.getvalue() == ""  # a register that ends at once prints no progress
+    progress._started -= cli._Progress.QUIET_S
+    progress({"stage": "upload", "received": 1 << 20, "size": 3 << 20, "message": ""})
+    progress({"stage": "upload", "received": 3 << 20, "size": 3 << 20, "message": ""})
+    progress({"stage": "build", "message": "go build (wasm)"})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("[") and lines[0].endswith("uploaded main.go (3.0 MiB)")
+    assert lines[1].endswith("s] build: go build (wasm)")
+    quiet = io.StringIO()
+    q = cli._Progress(quiet, "main.go", quiet=True)
+    q._started -= 10
+    q({"stage": "build", "message": "x"})
+    assert quiet.getvalue() == ""

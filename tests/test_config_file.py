@@ -11,8 +11,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from fnclient import AsyncClient
+
 from fnserver.__main__ import parse_command
 
 from .conftest import ServerProcess

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from fnclient import AsyncClient, InvalidArgumentError
 
 from .conftest import ServerHandle, run_fn

@@ -372,8 +372,10 @@ async def test_cli_end_to_end(handle: ServerHandle, tmp_path: Path) -> None:
     spin = _write(tmp_path, "spin.wasm", wf.infinite_loop())
     code, out, err = await run_fn(addr, "register", "spin", str(spin), "--fuel", "100000", "--json")
     assert code == 0 and json.loads(out)["limits"]["fuel"] == 100000, err
-    code, out, _ = await run_fn(addr, "get", "spin")
+    code, out, _ = await run_fn(addr, "get", "spin@1")
     assert code == 0 and b"fuel 100000" in out
+    code, out, _ = await run_fn(addr, "get", "spin")
+    assert code == 0 and out.splitlines()[2].split()[7] == b"100000"  # the FUEL column
     code, out, err = await run_fn(addr, "invoke", "spin", "--input", "")
     assert code == 125 and err.decode().startswith("error: TIMEOUT: ") and b"fuel" in err
 

@@ -223,7 +223,9 @@ async def test_go_file_cli_wasm_and_native(handle: ServerHandle, client: AsyncCl
                                 "artifacts": "wasm+native"}
     toolchain = (await _get_json(addr, "hello"))["versions"][0]["toolchain"]
     assert re.fullmatch(r"go1\.\d+(\.\d+)?", toolchain)
-    assert err == b""  # progress lines are for terminals; redirected, stderr stays empty
+    # Redirected, progress is plain lines on stderr, each with its elapsed time (issue 12: a
+    # piped Go register must not look hung), and only once the work takes seconds.
+    assert all(re.match(rb"\[ *\d+\.\ds\] ", line) for line in err.splitlines()), err
 
     assert await run_fn(addr, "invoke", "hello", "--input", "world") == (0, b"hello, world\n", b"")
     assert await run_fn(addr, "invoke", "hello", "--mode", "native", "--input", "world") == (
@@ -248,8 +250,13 @@ async def test_go_file_cli_wasm_and_native(handle: ServerHandle, client: AsyncCl
     assert (vdir / "main.wasm").is_file() and (vdir / "main.bin").is_file()
     assert (vdir / "main.bin").stat().st_mode & 0o111
 
-    # The human-readable `fn get` shows the same facts.
+    # The human-readable `fn get` shows the same facts: a table of versions, one in full.
     code, out, err = await run_fn(addr, "get", "hello")
+    assert (code, err) == (0, b"")
+    header, row = out.splitlines()[1:3]
+    assert header.split() == [b"VERSION", b"CREATED", b"KIND", b"ARTIFACTS", b"SIZE", b"TIMEOUT", b"MEMORY", b"FUEL", b"ALIASES", b"ENV"]
+    assert row.split()[0] == b"1" and b" go " in row and b" wasm+native " in row
+    code, out, err = await run_fn(addr, "get", "hello@1")
     assert (code, err) == (0, b"")
     assert b"    kind go, artifacts wasm+native, mode wasm\n" in out
     assert f"    toolchain {toolchain}, built in ".encode() in out
@@ -273,6 +280,8 @@ async def test_go_file_cli_wasm_and_native(handle: ServerHandle, client: AsyncCl
     assert stages.index("build") > max(i for i, s in enumerate(stages) if s == "upload")
     last_upload = [e for e in events if e["stage"] == "upload"][-1]
     assert last_upload["received"] == last_upload["size"] == len(HELLO_GO)
+    code, out, err = await run_fn(addr, "register", "hello", str(src), "--quiet")
+    assert (code, err) == (0, b""), err
 
     # Go's runtime reserves address space it never uses: with memory counted by a cgroup (not
     # RLIMIT_DATA) a Go native function runs with 32 MiB.

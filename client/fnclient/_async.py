@@ -237,7 +237,10 @@ class AsyncClient:
         except BaseException as exc:
             writer.close()
             if isinstance(exc, TimeoutError) and not isinstance(exc, FnError):
-                raise UnavailableError(f"no HELLO reply from {target}") from exc
+                raise UnavailableError(
+                    f"no HELLO reply from {target} within {self.connect_timeout:g} s: is it an"
+                    " fnserver (not, say, an HTTP server), and is the port right?"
+                ) from exc
             if isinstance(exc, OSError):
                 raise _Retryable(UnavailableError(f"{_LOST} during HELLO: {exc}")) from exc
             if isinstance(exc, UnavailableError) and exc.message == f"{_LOST} during HELLO":
@@ -271,11 +274,19 @@ class AsyncClient:
         )
         await writer.drain()
         while True:
-            frame = decoder.next_frame()
+            try:
+                frame = decoder.next_frame()
+            except FnError as exc:
+                raise ProtocolError(
+                    f"the server at {self.host}:{self.port} does not speak the fnserver protocol"
+                    f" (its first reply is not a valid frame: {exc.message}); check the address"
+                ) from exc
             if frame is None:
                 data = await reader.read(_READ_SIZE)
                 if not data:
                     raise UnavailableError(f"{_LOST} during HELLO")
+                if not decoder.buffered:
+                    _check_speaks_fnserver(data, f"{self.host}:{self.port}")
                 decoder.feed(data)
                 continue
             if frame.get("id") not in (_HELLO_ID, None):
@@ -712,6 +723,17 @@ class AsyncClient:
     async def alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
         """Point ``alias`` at ``version`` of ``name`` (§5.7)."""
         return await self._request(AliasRequest(name, alias, version))
+
+
+def _check_speaks_fnserver(first: bytes, target: str) -> None:
+    """Refuse a peer whose first bytes are plainly another protocol's: an HTTP server answers a
+    frame with ``HTTP/1.1 400 ...``, which read as a frame length is ~1.2 GB (issue 12)."""
+    if first[:5] == b"HTTP/" or first[:1] == b"<" or first[:4] in (b"SSH-", b"220 ", b"-ERR", b"+OK "):
+        what = "an HTTP server" if first[:5] == b"HTTP/" or first[:1] == b"<" else "another kind of server"
+        raise ProtocolError(
+            f"the server at {target} does not speak the fnserver protocol: it answered like"
+            f" {what} ({first[:40]!r}); check the address and port"
+        )
 
 
 def _error_from_frame(frame: dict[str, Any]) -> FnError:

@@ -305,11 +305,12 @@ async def _cmd_register(client: AsyncClient, ns: argparse.Namespace) -> int:
 
 
 class _Progress:
-    """Progress events (§5.3) as stderr lines with the time since the upload began.
+    """Progress events (§5.3), with the time since the upload began.
 
-    On a terminal: an upload counter, then a line per stage. Redirected: plain lines, and only
-    once the work has taken a couple of seconds, so quick registers (and quick failures, whose
-    ``error: CODE: message`` line comes first) stay silent while a long build never looks hung.
+    On a terminal: a live display (rich): the upload's bar, then a line per stage with a
+    spinner and its elapsed time. Redirected: plain lines, and only once the work has taken a
+    couple of seconds, so quick registers (and quick failures, whose ``error: CODE: message``
+    line comes first) stay silent while a long build never looks hung. ``--quiet``: nothing.
     """
 
     #: Redirected, stay quiet for this long.
@@ -320,9 +321,11 @@ class _Progress:
         self.filename = filename
         self.tty = out.isatty()
         self.quiet = quiet
-        self._open_line = False
         self._started = time.monotonic()
         self._said_upload = False
+        self._live: Any = None  # rich.progress.Progress, made on the first event
+        self._upload: Any = None
+        self._stage: Any = None
 
     def _elapsed(self) -> str:
         return f"[{time.monotonic() - self._started:5.1f}s]"
@@ -330,40 +333,61 @@ class _Progress:
     def __call__(self, event: dict[str, Any]) -> None:
         if self.quiet:
             return
+        if self.tty:
+            self._show(event)
+            return
         stage = event.get("stage")
-        if not self.tty:
-            if time.monotonic() - self._started < self.QUIET_S:
-                return
-            if stage == "upload":
-                received, size = event.get("received") or 0, event.get("size") or 0
-                if received < size or self._said_upload:
-                    return
-                self._said_upload = True
-                self.out.write(f"{self._elapsed()} uploaded {self.filename} ({size / _MIB:.1f} MiB)\n")
-            else:
-                self.out.write(f"{self._elapsed()} {stage}: {event.get('message') or ''}\n")
-            self.out.flush()
+        if time.monotonic() - self._started < self.QUIET_S:
             return
         if stage == "upload":
             received, size = event.get("received") or 0, event.get("size") or 0
-            self.out.write(
-                f"\r{self._elapsed()} uploading {self.filename}: {received / _MIB:.1f}/{size / _MIB:.1f} MiB"
-            )
-            self._open_line = True
+            if received < size or self._said_upload:
+                return
+            self._said_upload = True
+            self.out.write(f"{self._elapsed()} uploaded {self.filename} ({size / _MIB:.1f} MiB)\n")
         else:
-            if self._open_line:
-                self.out.write("\n")
-                self._open_line = False
-            message = event.get("message") or ""
-            self.out.write(f"{self._elapsed()} {stage}: {message}\n" if stage else f"{self._elapsed()} {message}\n")
+            self.out.write(f"{self._elapsed()} {stage}: {event.get('message') or ''}\n")
         self.out.flush()
 
+    def _show(self, event: dict[str, Any]) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        if self._live is None:
+            self._live = Progress(
+                SpinnerColumn(finished_text="[green]✓"),
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=24),
+                TimeElapsedColumn(),
+                console=Console(file=self.out, force_terminal=True),
+            )
+            self._live.start()
+        live = self._live
+        stage = event.get("stage")
+        if stage == "upload":
+            received, size = event.get("received") or 0, event.get("size") or 0
+            if self._upload is None:
+                self._upload = live.add_task(f"uploading {self.filename} ({size / _MIB:.1f} MiB)", total=size or 1)
+            live.update(self._upload, completed=received)
+            return
+        self._end_stage()
+        message = event.get("message") or ""
+        self._stage = live.add_task(f"{stage}: {message}" if stage else message, total=None)
+
+    def _end_stage(self) -> None:
+        if self._live is not None:
+            if self._upload is not None:
+                total = self._live.tasks[self._upload].total
+                self._live.update(self._upload, completed=total)
+            if self._stage is not None:
+                self._live.update(self._stage, total=1, completed=1)
+
     def finish(self) -> None:
-        """End a pending ``\\r`` counter line so later output starts on a fresh line."""
-        if self._open_line:
-            self.out.write("\n")
-            self.out.flush()
-            self._open_line = False
+        """Close the live display (its last state stays on the terminal)."""
+        if self._live is not None:
+            self._end_stage()
+            self._live.stop()
+            self._live = None
 
 
 async def _cmd_invoke(client: AsyncClient, ns: argparse.Namespace) -> int:
@@ -559,7 +583,27 @@ async def _cmd_get(client: AsyncClient, ns: argparse.Namespace) -> int:
     aliases = info.get("aliases") or {}
     alias_text = ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
     print(f"{info.get('name', name)}: latest version {info.get('latest')}, aliases: {alias_text}")
-    for meta in info.get("versions") or []:
+    versions = info.get("versions") or []
+    if ref is None and not ns.log:
+        # Every version: one aligned row each (``fn get NAME@V`` gives one version in full).
+        rows = [["VERSION", "CREATED", "KIND", "ARTIFACTS", "SIZE", "TIMEOUT", "MEMORY", "FUEL", "ALIASES", "ENV"]]
+        for meta in versions:
+            limits = meta.get("limits") or {}
+            rows.append([
+                str(meta.get("version")),
+                str(meta.get("created") or "-")[:19],
+                str(meta.get("kind") or "-"),
+                "+".join(str(a) for a in meta.get("artifacts") or []) or "-",
+                _size(meta.get("size")).replace(" bytes", "B").replace(" ", ""),
+                f"{limits.get('timeout_ms', '?')}ms",
+                f"{limits.get('memory_mb', '?')}MiB",
+                str(limits.get("fuel") or "-"),
+                ",".join(map(str, meta.get("aliases") or [])) or "-",
+                ",".join(map(str, meta.get("env") or [])) or "-",
+            ])
+        _print_table(rows)
+        return 0
+    for meta in versions:
         print(_describe_version(meta))
         if ns.log:
             log = str(meta.get("build_log") or "").rstrip()
@@ -672,6 +716,17 @@ def _json_default(value: Any) -> Any:
 
 
 def _print_table(rows: list[list[str]]) -> None:
+    """A header row and its rows: a rich table on a terminal, aligned plain columns when piped
+    (what scripts and ``grep`` see)."""
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*rows[0], box=None, header_style="bold", pad_edge=False)
+        for row in rows[1:]:
+            table.add_row(*row)
+        Console().print(table)
+        return
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -412,6 +413,8 @@ class Builder:
             return await self._build_c(upload, src, run, report)
         if kind == "zig":
             return await self._build_zig(upload, src, run, report)
+        if kind == "wat":
+            return await self._build_wat(upload, src, run, report)
         raise AssertionError(kind)  # validate_kind covers KINDS
 
     async def _build_go_file(self, upload: Path, src: Path, run: _Build,
@@ -542,6 +545,27 @@ class Builder:
                 "-fstrip", "--stack", str(WASM_STACK_BYTES),
                 f"-femit-bin={run.scratch / 'out' / ARTIFACT_FILES['wasm']}", "main.zig"]
         return await self._zig_run(zig, argv, src, run, "zig build-exe failed (wasm)")
+
+    async def _build_wat(self, upload: Path, src: Path, run: _Build,
+                         report: Progress) -> _Outcome:
+        """WebAssembly text, converted by wasmtime's parser in a process of its own (``_wat.py``):
+        not boxed (it needs the interpreter's files), but as the build's uid, under the
+        build's deadline and memory limit."""
+        await asyncio.to_thread(shutil.copyfile, upload, src / "main.wat")
+        os.chmod(src / "main.wat", 0o644)
+        report("converting WebAssembly text (wasmtime wat2wasm)")
+        out = run.scratch / "out" / ARTIFACT_FILES["wasm"]
+        argv = [sys.executable, "-m", "fnserver.builder._wat", str(src / "main.wat"), str(out)]
+        if run.uid is not None:
+            argv.append(str(run.uid))
+        res = await run_tool(argv, cwd=src, env={"PATH": "/usr/bin:/bin", "LANG": "C"},
+                             memory_bytes=self._memory_bytes)
+        text = self._sanitize(res.output, src, run.scratch)
+        if res.returncode != 0:
+            raise BuildError("main.wat is not valid WebAssembly text", {"log": text})
+        if not await asyncio.to_thread(_is_regular, out):
+            raise BuildError("wat2wasm wrote no module", {"log": text})
+        return _Outcome(("wasm",), f"wasmtime {wasmtime_version()}", text)
 
     async def _zig_run(self, zig: ZigToolchain, argv: list[str], src: Path, run: _Build,
                        failure: str) -> _Outcome:
@@ -800,3 +824,10 @@ def _user_source_names(log: str, kind: str, filename: str) -> str:
     if fixed is None or not log or user == fixed or not _SAFE_NAME.match(user):
         return log
     return re.sub(rf"(?<![\w/.-])(\./)?{re.escape(fixed)}(?=[:(\s]|$)", lambda m: (m.group(1) or "") + user, log)
+
+
+def wasmtime_version() -> str:
+    """The wasmtime release that parses WebAssembly text."""
+    from importlib.metadata import version
+
+    return version("wasmtime")

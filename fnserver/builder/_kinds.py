@@ -10,9 +10,9 @@ from fnserver.protocol import InvalidArgumentError
 
 __all__ = ["KINDS", "check_elf", "check_wasm", "detect_kind", "validate_kind"]
 
-KINDS: Final = ("wasm", "go", "go-module", "c", "zig", "native")
+KINDS: Final = ("wasm", "wat", "go", "go-module", "c", "zig", "native")
 
-_SUFFIX_KIND: Final = {".wasm": "wasm", ".go": "go", ".zip": "go-module", ".c": "c", ".zig": "zig"}
+_SUFFIX_KIND: Final = {".wasm": "wasm", ".wat": "wat", ".go": "go", ".zip": "go-module", ".c": "c", ".zig": "zig"}
 
 _WASM_HEADER: Final = b"\0asm\x01\x00\x00\x00"
 

@@ -17,17 +17,20 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final, TextIO
 
 from . import __version__
 from ._async import AsyncClient
 from ._results import InvokeResult
+from ._scaffold import LANGS, pack_directory, scaffold
 from .protocol import (
     PROTOCOL_VERSION,
     BuildError,
     FnError,
     InvalidArgumentError,
     InvocationRecord,
+    check_name,
     parse_version_ref,
 )
 
@@ -98,9 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("register", parents=[common], help="upload and build a new version")
+    p = sub.add_parser(
+        "register", parents=[common], help="upload and build a new version",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_KINDS_HELP,
+    )
     p.add_argument("name", metavar="NAME")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE|DIR", help="the file to upload, or a directory to pack (see below)")
     p.add_argument("--timeout", type=_positive_int, metavar="MS", help="time limit (ms)")
     p.add_argument("--memory", type=_positive_int, metavar="MB", help="memory limit (MiB)")
     p.add_argument(
@@ -166,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("delete", parents=[common], help="delete a version or a whole function")
     p.add_argument("target", type=_parse_delete_target, metavar="NAME[@VERSION]")
+    p.add_argument("-y", "--yes", action="store_true",
+                   help="delete every version of NAME without asking (needed when not on a terminal)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("alias", parents=[common], help="point an alias at a version")
@@ -174,7 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", type=_positive_int, metavar="VERSION")
     p.add_argument("--json", action="store_true")
 
-    sub.add_parser("ping", parents=[common], help="check the server answers")
+    p = sub.add_parser("ping", parents=[common], help="check the server answers, and how fast")
+    p.add_argument("--count", type=_positive_int, default=1, metavar="N", help="round trips to time (default 1)")
+
+    p = sub.add_parser("new", help="scaffold a working function in a new directory")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--lang", choices=sorted(LANGS), default="go", help="its language (default go)")
+    p.add_argument("--dir", metavar="DIR", help="where (default: ./NAME)")
 
     p = sub.add_parser("whoami", parents=[common], help="show the tenant and role of your token")
     p.add_argument("--json", action="store_true")
@@ -232,6 +246,8 @@ def _print_error(exc: FnError) -> None:
 
 
 async def _run(ns: argparse.Namespace) -> int:
+    if ns.command == "new":
+        return _cmd_new(ns)
     async with AsyncClient(ns.server, ns.token, ca_file=ns.ca_file) as client:
         handler = _COMMANDS[ns.command]
         return await handler(client, ns)
@@ -272,11 +288,24 @@ async def _cmd_register(client: AsyncClient, ns: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"fn: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    progress = _Progress(sys.stderr, os.path.basename(ns.file), quiet=ns.quiet)
+    source: str | bytes = ns.file
+    filename: str | None = None
+    if os.path.isdir(ns.file):
+        try:
+            packed = pack_directory(Path(ns.file))
+        except ValueError as exc:
+            print(f"fn: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if not ns.quiet and not ns.json:
+            print(f"fn: uploading {ns.file} as {packed.what}", file=sys.stderr)
+        source = packed.data if packed.data is not None else (packed.path or ns.file)
+        filename = packed.filename
+    progress = _Progress(sys.stderr, filename or os.path.basename(ns.file), quiet=ns.quiet)
     try:
         meta = await client.register(
             ns.name,
-            ns.file,
+            source,
+            filename=filename,
             timeout_ms=ns.timeout,
             memory_mb=ns.memory,
             fuel=ns.fuel,
@@ -435,8 +464,13 @@ async def _read_stdin() -> bytes:
             done.set_result(data or b"")
 
     def read() -> None:
+        # os.read, not sys.stdin.buffer: a daemon thread blocked inside the buffered reader
+        # holds its lock, and the interpreter aborts at exit waiting for it (after Ctrl-C).
+        chunks = []
         try:
-            data = sys.stdin.buffer.read()
+            while chunk := os.read(0, 1 << 16):
+                chunks.append(chunk)
+            data = b"".join(chunks)
         except Exception as exc:  # handed to the loop as it is
             loop.call_soon_threadsafe(settle, None, exc)
         else:
@@ -639,6 +673,16 @@ def _describe_version(meta: dict[str, Any]) -> str:
 
 async def _cmd_delete(client: AsyncClient, ns: argparse.Namespace) -> int:
     name, version = ns.target
+    if version is None and not ns.yes:
+        # Every version at once cannot be undone (numbers are never reused): ask, or refuse.
+        if not sys.stdin.isatty():
+            print(f"fn: error: 'fn delete {name}' deletes every version of {name};"
+                  f" pass --yes to confirm, or name one version: fn delete {name}@VERSION", file=sys.stderr)
+            return EXIT_USAGE
+        answer = await asyncio.to_thread(input, f"delete every version of {name}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted", file=sys.stderr)
+            return 1
     result = await client.delete(name, version)
     if ns.json:
         _print_json(result)
@@ -668,9 +712,35 @@ async def _cmd_alias(client: AsyncClient, ns: argparse.Namespace) -> int:
 
 
 async def _cmd_ping(client: AsyncClient, ns: argparse.Namespace) -> int:
-    await client.ping()
+    await client.connect()
+    times = []
+    for _ in range(ns.count):
+        started = time.perf_counter()
+        await client.ping()
+        times.append((time.perf_counter() - started) * 1e3)
     info = client.server_info
-    print(f"pong from {info.get('server', '?')} {info.get('server_version', '?')} at {ns.server}")
+    rtt = f"{times[0]:.2f} ms" if len(times) == 1 else (
+        f"min {min(times):.2f} / median {sorted(times)[len(times) // 2]:.2f} / max {max(times):.2f} ms"
+        f" over {len(times)}"
+    )
+    print(f"pong from {info.get('server', '?')} {info.get('server_version', '?')} at {ns.server}: {rtt}")
+    return 0
+
+
+def _cmd_new(ns: argparse.Namespace) -> int:
+    directory = Path(ns.dir or ns.name)
+    try:
+        check_name(ns.name)
+    except InvalidArgumentError as exc:
+        print(f"fn: error: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        written = scaffold(ns.name, ns.lang, directory)
+    except FileExistsError as exc:
+        print(f"fn: error: {exc}; pick another name or --dir", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"created {', '.join(str(p) for p in written)}")
+    print(f"next: fn register {ns.name} {directory} && fn invoke {ns.name} --input world")
     return 0
 
 
@@ -686,6 +756,19 @@ async def _cmd_whoami(client: AsyncClient, ns: argparse.Namespace) -> int:
     print(f"server  {ns.server} ({info.get('server', '?')} {info.get('server_version', '?')})")
     return 0
 
+
+_KINDS_HELP: Final = """\
+what FILE may be (the kind comes from the extension; --kind overrides it):
+  .wasm     wasm        a WASI preview 1 command module, used as is
+  .wat      wat         WebAssembly text, converted to main.wasm
+  .go       go          one package main file: main.wasm and a native main.bin
+  .zip      go-module   a Go module (go.mod at the root or in one folder; vendored deps)
+  .c        c           C source: main.wasm with zig cc -target wasm32-wasi
+  .zig      zig         Zig source: main.wasm
+  other     native      an ELF executable for the server's machine
+
+A directory is packed: a Go module (go.mod at its top) is zipped, a folder with exactly
+one .go, .c, .zig, .wat or .wasm file uploads that file (fn new NAME makes one)."""
 
 _COMMANDS: Final = {
     "register": _cmd_register,

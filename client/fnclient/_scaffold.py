@@ -23,13 +23,18 @@ import (
 )
 
 // The input arrives on stdin; what the function writes to stdout is the output.
+// GREETING comes from the version's environment: fn register NAME DIR --env GREETING=hi
 func main() {
 	in, err := io.ReadAll(os.Stdin)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	fmt.Printf("hello, %s\\n", in)
+	greeting := os.Getenv("GREETING")
+	if greeting == "" {
+		greeting = "hello"
+	}
+	fmt.Printf("%s, %s\\n", greeting, in)
 }
 """
 _C_MAIN: Final = """#include <stdio.h>

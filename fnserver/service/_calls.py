@@ -502,8 +502,11 @@ RunCall = Callable[[RequestContext, InvokeRequest, str, float], Awaitable[Invoke
 class Dispatcher:
     """Claims queued async calls and runs up to ``concurrency`` of them at once."""
 
-    def __init__(self, source: CallSource, run: RunCall, concurrency: int) -> None:
+    def __init__(self, source: CallSource, run: RunCall, concurrency: int,
+                 recorder: Recorder | None = None) -> None:
         self.source = source
+        #: Flushed before a result is stored: a call that is ``done`` has its record in ``logs``.
+        self.recorder = recorder
         self._run_call = run
         self.concurrency = concurrency
         self._running: set[asyncio.Task[None]] = set()
@@ -571,6 +574,8 @@ class Dispatcher:
         except Exception as exc:
             log.exception("async call %s failed", call.id)
             outcome = CompleteRequest(call.id, error=CallError("INTERNAL", f"internal error: {type(exc).__name__}"))
+        if self.recorder is not None:
+            await self.recorder.flush()
         for attempt in range(30):
             try:
                 await self.source.complete(outcome)

@@ -98,7 +98,7 @@ class Services:
                 await link.call(ReportRequest(tuple(records), gauges, os.getpid()))
 
             self.recorder = Recorder(hand_over, self.gauges)
-            self.dispatcher = Dispatcher(LinkSource(link), self._run_queued, config.async_concurrency)
+            self.dispatcher = Dispatcher(LinkSource(link), self._run_queued, config.async_concurrency, self.recorder)
         else:
             # Hidden like the build caches: not a function directory of the local store.
             store = SqliteInvocationStore(config.data_dir / ".invocations" / "calls.sqlite3")
@@ -111,7 +111,7 @@ class Services:
                         await local.add_records(records)
 
                 self.recorder = Recorder(store_records)
-                self.dispatcher = Dispatcher(LocalSource(local), self._run_queued, config.async_concurrency)
+                self.dispatcher = Dispatcher(LocalSource(local), self._run_queued, config.async_concurrency, self.recorder)
         self.invocations.recorder = self.recorder
         #: Set by the server: its connections, loop lag and builder, for the gauges.
         self.connection_count: Callable[[], int] = lambda: 0

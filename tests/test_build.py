@@ -135,9 +135,10 @@ def test_detect_kind() -> None:
     assert detect_kind("Mod.ZIP") == "go-module"
     assert detect_kind("x.c") == "c"
     assert detect_kind("x.zig") == "zig"
+    assert detect_kind("echo.WAT") == "wat"
     assert detect_kind("server") == "native"
     assert detect_kind("script.sh") == "native"
-    assert set(KINDS) == {"wasm", "go", "go-module", "c", "zig", "native"}
+    assert set(KINDS) == {"wasm", "wat", "go", "go-module", "c", "zig", "native"}
 
 
 async def test_unknown_kind(builder: Builder, tmp_path: Path) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import socket
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -243,3 +246,39 @@ async def test_under_the_supervisor_async_logs_stats_and_metrics(tmp_path: Path)
     finally:
         with contextlib.suppress(ProcessLookupError):
             await server.stop()
+
+
+async def test_results_are_kept_for_their_time_then_gone(handle: ServerHandle) -> None:
+    await handle.stop()
+    await handle.start(result_ttl_s=0.2)
+    async with AsyncClient(handle.address) as c:
+        await _register(c, "echo", echo())
+        call_id = await c.invoke_async("echo", b"brief")
+        status = await c.result(call_id, wait=True)
+        assert status.state == "done"
+        while True:  # until the result is past its time (0.2 s after it finished)
+            try:
+                await c.result(call_id)
+            except NotFoundError as exc:
+                assert call_id in exc.message
+                break
+
+
+async def test_fn_logs_follow_streams_records(handle: ServerHandle) -> None:
+    async with AsyncClient(handle.address) as c:
+        await _register(c, "echo", echo())
+        first = await c.invoke("echo", b"one")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fnclient.cli", "logs", "echo", "--follow", "--json",
+            stdout=asyncio.subprocess.PIPE, env={**os.environ, "FN_SERVER": handle.address},
+        )
+        try:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 120)
+            assert json.loads(line)["id"] == first.id
+            second = await c.invoke("echo", b"two")
+            line = await asyncio.wait_for(proc.stdout.readline(), 120)
+            assert json.loads(line)["id"] == second.id
+        finally:
+            proc.kill()
+            await proc.wait()

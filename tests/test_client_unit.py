@@ -899,6 +899,11 @@ async def test_cli_list_get_delete_alias(peer: FakePeer, capfd: pytest.CaptureFi
 
     assert await _fn("--server", peer.address, "get", "alpha") == 0
     out, _ = capfd.readouterr()
+    # Every version: a table row each; one version (``NAME@V``): in full.
+    assert out.splitlines()[1].split()[:4] == ["VERSION", "CREATED", "KIND", "ARTIFACTS"]
+    assert out.splitlines()[2].split()[:4] == ["1", "2025-01-01T00:00:00", "go", "wasm+native"]
+    assert await _fn("--server", peer.address, "get", "alpha@1") == 0
+    out, _ = capfd.readouterr()
     assert "version 1" in out and "wasm+native" in out and "abababababab" in out and "go1.24" in out
 
     assert await _fn("--server", peer.address, "delete", "alpha@2") == 0

@@ -89,7 +89,8 @@ async def test_meta_json_content(reg: Registry, data: Path) -> None:
     assert CREATED_RE.match(on_disk["created"])
     expected = info.to_wire(log=True)
     del expected["aliases"]
-    assert on_disk == {**expected, "schema": 2}
+    # The environment is stored with its values (the wire form has the names only).
+    assert on_disk == {**expected, "env": dict(info.env), "schema": 2}
     assert json.loads((data / "f" / "function.json").read_text())["aliases"] == {"prod": 1}
 
 

@@ -186,7 +186,7 @@ class CallService:
                     log.info("forgot %d async results older than %g s", gone, self.config.result_ttl_s)
             except Exception:  # a full disk must not end the expiry for good
                 log.exception("expiring async results failed")
-            await asyncio.sleep(EXPIRE_EVERY_S)
+            await asyncio.sleep(min(EXPIRE_EVERY_S, max(1.0, self.config.result_ttl_s)))
 
     # -- §5.8 invoke with async, §5.12 result ---------------------------------------------------
 
@@ -217,6 +217,10 @@ class CallService:
         deadline = time.monotonic() + (req.wait_ms or 0) / 1000
         while True:
             stored = await self.store.status(req.id)
+            if stored is not None and stored.finished is not None and (
+                stored.finished < time.time() - self.config.result_ttl_s
+            ):
+                stored = None  # past its time: gone, whether or not the sweep removed it yet
             status = _status(ctx.caller, req.id, stored)
             left = deadline - time.monotonic()
             if status.state in ("done", "failed") or left <= 0:

@@ -484,7 +484,7 @@ class ExecPool:
         queue_us = max(0, call.started_ns - t0) // 1000
         queue_us = max(0, min(queue_us, wall_us - reply.result.duration_us))
         return dataclasses.replace(
-            reply.result, version=job.version, queue_us=queue_us, wall_us=wall_us
+            reply.result, version=job.version, queue_us=queue_us, wall_us=wall_us, id=job.call_id
         )
 
     async def _invoke_wasm(self, job: InvokeJob, t0: int) -> InvokeResult:
@@ -498,7 +498,9 @@ class ExecPool:
             result = await self.wasm.run(job, await self._module(job))
         wall_us = (time.perf_counter_ns() - t0) // 1000
         queue_us = max(0, wall_us - result.duration_us)
-        return dataclasses.replace(result, version=job.version, queue_us=queue_us, wall_us=wall_us)
+        return dataclasses.replace(
+            result, version=job.version, queue_us=queue_us, wall_us=wall_us, id=job.call_id
+        )
 
     def _check_sandbox(self) -> None:
         if self.unsandboxed_native:

@@ -44,6 +44,8 @@ class InvokeJob:
     tenant: str = ""
     #: The version's environment variables, as (name, value) pairs.
     env: tuple[tuple[str, str], ...] = ()
+    #: The invocation's id, set on its result (PROTOCOL.md §5.8 ``id``).
+    call_id: str = ""
 
 
 #: RLIMIT_DATA of a compile process (``_compile.py``): what the compiler may really allocate

@@ -21,6 +21,7 @@ as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from typing import Any, Final
@@ -89,7 +90,8 @@ class ControlLink:
         req = InvokeRequest(
             job.function, job.version, job.input, tuple(job.args), job.limits.timeout_ms, "native"
         )
-        return InvokeResult.from_wire(await self.call(req))
+        result = InvokeResult.from_wire(await self.call(req))
+        return dataclasses.replace(result, id=job.call_id)  # this process's record names it
 
     async def compile(self, function: str, version: int) -> None:
         """Have the control process compile (or re-check) a version's module (§5.10)."""

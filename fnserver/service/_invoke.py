@@ -88,7 +88,9 @@ class InvokeService:
         # The function's tenant: an admin's call of another tenant's function counts there.
         tenant = tenant_of(key)
         info = replace(info, name=key) if shown_name != key else info
-        job = self._job(info, mode, req, tenant)
+        if call_id is None and self.recorder is not None:
+            call_id = new_call_id()
+        job = self._job(info, mode, req, tenant, call_id or "")
         quota = self.quotas.limits(tenant) if self.quotas is not None else None
         metered = self.usage is not None and quota is not None and quota.metered
         if metered:
@@ -104,9 +106,6 @@ class InvokeService:
             if metered:
                 assert self.usage is not None
                 self.usage.leave(tenant)
-        if call_id is None and self.recorder is not None:
-            call_id = new_call_id()
-        result = replace(result, id=call_id or "")
         self._record(call_id, queued_since, started, key, info.version, mode, result, t0)
         # Output and stderr are each capped at output_bytes; stderr gives way so that the reply
         # always fits in one frame.
@@ -141,7 +140,8 @@ class InvokeService:
             retry = await self._after_failure(info, mode, job, exc)
             return await self.pool.invoke(retry)
 
-    def _job(self, info: VersionInfo, mode: ArtifactKind, req: InvokeRequest, tenant: str) -> InvokeJob:
+    def _job(self, info: VersionInfo, mode: ArtifactKind, req: InvokeRequest, tenant: str,
+             call_id: str = "") -> InvokeJob:
         limits = info.limits
         return InvokeJob(
             function=info.name,
@@ -159,6 +159,7 @@ class InvokeService:
             ),
             tenant=tenant,
             env=tuple(sorted(info.env.items())),
+            call_id=call_id,
         )
 
     async def _after_failure(

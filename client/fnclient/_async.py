@@ -582,19 +582,7 @@ class AsyncClient:
         mode: str | None = None,
     ) -> InvokeResult:
         """Run ``name`` (a version number, an alias, or the newest) on ``input`` (§5.8)."""
-        data = input.encode("utf-8") if isinstance(input, str) else bytes(input)
-        if isinstance(args, str | bytes):
-            raise InvalidArgumentError("args must be a sequence of strings, not one string")
-        if mode is not None and mode not in ("wasm", "native"):
-            raise InvalidArgumentError(f"mode must be 'wasm' or 'native', got {mode!r}")
-        req = InvokeRequest(
-            name,
-            parse_version_ref(version),
-            data,
-            tuple(str(a) for a in args),
-            timeout_ms,
-            mode,  # type: ignore[arg-type]
-        )
+        req = _invoke_request(name, input, version, args, timeout_ms, mode, async_=False)
         return InvokeResult.from_wire(await self._request(req))
 
     async def invoke_async(
@@ -610,16 +598,7 @@ class AsyncClient:
         """Queue a call (``invoke`` with ``async``, §5.8) and return its invocation id at once;
         :meth:`result` fetches its outcome. It runs under the same limits as a direct call,
         at least once even if the server restarts meanwhile."""
-        data = input.encode("utf-8") if isinstance(input, str) else bytes(input)
-        if isinstance(args, str | bytes):
-            raise InvalidArgumentError("args must be a sequence of strings, not one string")
-        if mode is not None and mode not in ("wasm", "native"):
-            raise InvalidArgumentError(f"mode must be 'wasm' or 'native', got {mode!r}")
-        req = InvokeRequest(
-            name, parse_version_ref(version), data, tuple(str(a) for a in args), timeout_ms,
-            mode,  # type: ignore[arg-type]
-            async_=True,
-        )
+        req = _invoke_request(name, input, version, args, timeout_ms, mode, async_=True)
         return InvokeAccepted.from_wire(await self._request(req)).id
 
     async def result(self, invocation_id: str, *, wait: bool | float = False) -> CallStatus:
@@ -723,6 +702,22 @@ class AsyncClient:
     async def alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
         """Point ``alias`` at ``version`` of ``name`` (§5.7)."""
         return await self._request(AliasRequest(name, alias, version))
+
+
+def _invoke_request(name: str, input: bytes | bytearray | memoryview | str,  # noqa: A002
+                    version: int | str | None, args: Sequence[str], timeout_ms: int | None,
+                    mode: str | None, *, async_: bool) -> InvokeRequest:
+    """The §5.8 request of :meth:`AsyncClient.invoke` and :meth:`AsyncClient.invoke_async`."""
+    data = input.encode("utf-8") if isinstance(input, str) else bytes(input)
+    if isinstance(args, str | bytes):
+        raise InvalidArgumentError("args must be a sequence of strings, not one string")
+    if mode is not None and mode not in ("wasm", "native"):
+        raise InvalidArgumentError(f"mode must be 'wasm' or 'native', got {mode!r}")
+    return InvokeRequest(
+        name, parse_version_ref(version), data, tuple(str(a) for a in args), timeout_ms,
+        mode,  # type: ignore[arg-type]
+        async_=async_,
+    )
 
 
 def _check_speaks_fnserver(first: bytes, target: str) -> None:

@@ -111,6 +111,16 @@ class _Pulse:
             await asyncio.wait_for(self._event.wait(), timeout)
 
 
+async def _cancel(*tasks: asyncio.Task[None] | None) -> None:
+    """Cancel background tasks and wait until they are done (their errors were logged)."""
+    live = [t for t in tasks if t is not None]
+    for t in live:
+        t.cancel()
+    for t in live:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t
+
+
 def _visible(caller: Caller, key: str, what: str) -> str:
     """``key`` as the caller says it, or NOT_FOUND if it is another tenant's (and the caller
     is no admin): another tenant's call or record must not be seen to exist."""
@@ -172,10 +182,7 @@ class CallService:
 
     async def close(self) -> None:
         """Stop and close the store."""
-        if self._expiry is not None:
-            self._expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry
+        await _cancel(self._expiry)
         await self.store.close()
 
     async def _expire_forever(self) -> None:
@@ -388,11 +395,8 @@ class Recorder:
 
     async def close(self) -> None:
         """Write what is pending (once more) and stop."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await _cancel(self._task)
+        self._task = None
         if self._pending:
             with contextlib.suppress(Exception):
                 await self._sink(self._pending, None)
@@ -524,12 +528,7 @@ class Dispatcher:
     async def close(self) -> None:
         """Stop claiming; calls running now are cancelled (their leases run out and they run
         again, at least once)."""
-        tasks = [t for t in (self._task, *self._running) if t is not None]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await _cancel(self._task, *self._running)
 
     @property
     def running(self) -> int:

@@ -945,16 +945,22 @@ def test_cli_progress_on_a_terminal_shows_stages_with_elapsed_time() -> None:
 def test_cli_progress_when_piped_is_plain_and_only_for_long_work() -> None:
     out = io.StringIO()
     progress = cli._Progress(out, "main.go")
-    progress({"stage": "build", "message": "quick"})
-    assert out.getvalue() == ""  # a register that ends at once prints no progress
-    progress._started -= cli._Progress.QUIET_S
-    progress({"stage": "upload", "received": 1 << 20, "size": 3 << 20, "message": ""})
     progress({"stage": "upload", "received": 3 << 20, "size": 3 << 20, "message": ""})
+    progress({"stage": "build", "message": "warming the shared zig build cache"})
+    progress.tick()
+    assert out.getvalue() == ""  # a register that ends at once prints no progress
+    # Past the quiet start, the stage that began in it is said (by the next tick)...
+    progress._started -= cli._Progress.QUIET_S
+    progress.tick()
     progress({"stage": "build", "message": "go build (wasm)"})
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith("[") and lines[0].endswith("uploaded main.go (3.0 MiB)")
+    assert lines[0].startswith("[") and lines[0].endswith("s] build: warming the shared zig build cache")
     assert lines[1].endswith("s] build: go build (wasm)")
+    # ... and a long stage is said again rather than leaving a silent pipe.
+    progress._last_line -= cli._Progress.HEARTBEAT_S
+    progress.tick()
+    assert out.getvalue().splitlines()[2].endswith("s] still build: go build (wasm)")
     quiet = io.StringIO()
     q = cli._Progress(quiet, "main.go", quiet=True)
     q._started -= 10

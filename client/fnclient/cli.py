@@ -301,6 +301,13 @@ async def _cmd_register(client: AsyncClient, ns: argparse.Namespace) -> int:
         source = packed.data if packed.data is not None else (packed.path or ns.file)
         filename = packed.filename
     progress = _Progress(sys.stderr, filename or os.path.basename(ns.file), quiet=ns.quiet)
+
+    async def heartbeat() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            progress.tick()
+
+    beat = asyncio.ensure_future(heartbeat())
     try:
         meta = await client.register(
             ns.name,
@@ -316,6 +323,7 @@ async def _cmd_register(client: AsyncClient, ns: argparse.Namespace) -> int:
             env=env or None,
         )
     finally:
+        beat.cancel()
         progress.finish()
     if ns.json:
         _print_json(meta)
@@ -342,8 +350,9 @@ class _Progress:
     line comes first) stay silent while a long build never looks hung. ``--quiet``: nothing.
     """
 
-    #: Redirected, stay quiet for this long.
+    #: Redirected, stay quiet for this long; then say the stage at least this often.
     QUIET_S: Final = 2.0
+    HEARTBEAT_S: Final = 15.0
 
     def __init__(self, out: TextIO, filename: str, *, quiet: bool = False) -> None:
         self.out = out
@@ -352,6 +361,10 @@ class _Progress:
         self.quiet = quiet
         self._started = time.monotonic()
         self._said_upload = False
+        #: Redirected: the newest stage line not printed yet, and when a line was last printed.
+        self._pending: str | None = None
+        self._stage_line = ""
+        self._last_line = 0.0
         self._live: Any = None  # rich.progress.Progress, made on the first event
         self._upload: Any = None
         self._stage: Any = None
@@ -366,17 +379,31 @@ class _Progress:
             self._show(event)
             return
         stage = event.get("stage")
-        if time.monotonic() - self._started < self.QUIET_S:
-            return
         if stage == "upload":
             received, size = event.get("received") or 0, event.get("size") or 0
             if received < size or self._said_upload:
                 return
             self._said_upload = True
-            self.out.write(f"{self._elapsed()} uploaded {self.filename} ({size / _MIB:.1f} MiB)\n")
+            self._pending = f"uploaded {self.filename} ({size / _MIB:.1f} MiB)"
         else:
-            self.out.write(f"{self._elapsed()} {stage}: {event.get('message') or ''}\n")
-        self.out.flush()
+            self._pending = self._stage_line = f"{stage}: {event.get('message') or ''}"
+        self.tick()
+
+    def tick(self) -> None:
+        """Redirected: print the newest stage once past the quiet start, and say the current
+        stage again if nothing was printed for a while (called each second while it runs)."""
+        if self.quiet or self.tty:
+            return
+        now = time.monotonic()
+        if now - self._started < self.QUIET_S:
+            return
+        if self._pending is None and self._stage_line and now - self._last_line >= self.HEARTBEAT_S:
+            self._pending = f"still {self._stage_line}"
+        if self._pending is not None:
+            self.out.write(f"{self._elapsed()} {self._pending}\n")
+            self.out.flush()
+            self._pending = None
+            self._last_line = now
 
     def _show(self, event: dict[str, Any]) -> None:
         from rich.console import Console

@@ -227,7 +227,12 @@ class Builder:
                         report: Progress | None, *, force: bool = False) -> None:
         """One trusted warm-up build (the caller holds a build slot); once per toolchain and
         builder unless ``force``."""
-        async with self._warm_locks.setdefault(toolchain, asyncio.Lock()):
+        lock = self._warm_locks.setdefault(toolchain, asyncio.Lock())
+        if lock.locked() and toolchain not in self._warmed and report is not None:
+            # The server's own warm-up (or another build's) is filling the cache: say so, or
+            # the client sees nothing for the tens of seconds it takes.
+            report(f"waiting for the shared {toolchain} build cache to be warmed")
+        async with lock:
             if toolchain in self._warmed and not force:
                 return
             if report is not None:

@@ -32,6 +32,8 @@ class Command:
     ready_fd: int | None = None
     #: Set in a process the supervisor started: the pipe holding the control process's secret.
     secret_fd: int | None = None
+    #: The deprecated ``--token`` flag was given (warned about once, by the supervisor).
+    token_flag: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -145,16 +147,9 @@ def parse_command(argv: list[str] | None = None) -> Command:
     for flag in ("hello_timeout", "frame_timeout", "idle_timeout", "write_timeout"):
         if not getattr(a, flag) > 0:
             p.error(f"--{flag.replace('_', '-')} must be more than 0")
-    setup_logging(a.log_level, a.log_format)
     processes = a.processes or os.cpu_count() or 1
     shared = os.environ.get("FNSERVER_TOKEN") or None
     if a.token:
-        if a.role is None:  # say it once, in the supervisor, not in every process it starts
-            logging.getLogger("fnserver").warning(
-                "--token is deprecated: every local user can read it in /proc/PID/cmdline."
-                " Create tokens with 'fnserver token add TENANT ROLE', or put a shared secret in"
-                " FNSERVER_TOKEN"
-            )
         shared = a.token
     config = ServerConfig(
         host=a.host,
@@ -214,7 +209,7 @@ def parse_command(argv: list[str] | None = None) -> Command:
         log_level=a.log_level,
         log_format=a.log_format,
     )
-    return Command(config, processes, a.ready_fd, a.secret_fd)
+    return Command(config, processes, a.ready_fd, a.secret_fd, token_flag=bool(a.token))
 
 
 def _read_secret(fd: int) -> str:
@@ -267,6 +262,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(token_main(args[1:]))
     cmd = parse_command(argv)
     config = cmd.config
+    # Here, not in parse_command: parsing must not reconfigure an embedding program's logging.
+    setup_logging(config.log_level, config.log_format)
+    if cmd.token_flag and config.role == "all":  # once, in the supervisor, not in its children
+        logging.getLogger("fnserver").warning(
+            "--token is deprecated: every local user can read it in /proc/PID/cmdline."
+            " Create tokens with 'fnserver token add TENANT ROLE', or put a shared secret in"
+            " FNSERVER_TOKEN"
+        )
     if config.listen_fd is None:
         from .auth import exposure_problem
         from .supervisor import Supervisor

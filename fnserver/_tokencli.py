@@ -26,8 +26,10 @@ def _parser() -> argparse.ArgumentParser:
         "alias, delete, invoke, read in its tenant) or invoker (invoke and read in its tenant).",
     )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", type=Path, default=Path("./functions"), help="the server's data directory (default ./functions); the auth file is auth.toml in it")
+    # No defaults: unset, they come from FNSERVER_* and --config as the server's do (_where).
+    common.add_argument("--data-dir", type=Path, default=None, help="the server's data directory (default ./functions); the auth file is auth.toml in it")
     common.add_argument("--auth-file", type=Path, default=None, help="the auth file (default <data-dir>/auth.toml)")
+    common.add_argument("--config", type=Path, default=None, metavar="FILE", help="the server's configuration file: its data_dir and auth_file apply (FNSERVER_DATA_DIR and FNSERVER_AUTH_FILE over it, the flags over both)")
     sub = p.add_subparsers(dest="command", required=True, metavar="{add,list,revoke}")
     add = sub.add_parser("add", parents=[common], help="create a token and print it (once)")
     add.add_argument("tenant", help="the tenant the token acts for")
@@ -44,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 def token_main(argv: list[str]) -> int:
     """Run one ``fnserver token`` command; return its exit code."""
     a = _parser().parse_args(argv)
-    path: Path = a.auth_file if a.auth_file is not None else a.data_dir / "auth.toml"
+    path = _where(a.data_dir, a.auth_file, a.config)
     try:
         if a.command == "add":
             record, token = add_token(path, a.tenant, a.role, a.description)
@@ -84,3 +86,16 @@ def token_main(argv: list[str]) -> int:
     except OSError as exc:
         print(f"fnserver token: {path}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+
+
+def _where(data_dir: Path | None, auth_file: Path | None, config: Path | None) -> Path:
+    """The auth file the server would use: these flags, else what ``fnserver`` itself would
+    take from ``FNSERVER_*`` and ``--config`` (a bad file exits 2, as the server does)."""
+    from .__main__ import parse_command
+
+    server = parse_command(["--config", str(config)] if config is not None else []).config
+    if auth_file is not None:
+        return auth_file
+    if data_dir is not None:
+        return data_dir / "auth.toml"
+    return server.auth_path

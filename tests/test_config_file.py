@@ -148,3 +148,20 @@ async def test_text_logs_have_one_access_line_per_request(tmp_path: Path) -> Non
     assert "fnserver.access: invoke tenant=default function=missing outcome=NOT_FOUND duration_ms=" in text
     # The C toolchain warm-up says when it starts (and, given time, when it is done).
     assert "warming the C toolchain cache" in text
+
+
+def test_token_commands_find_the_auth_file_the_server_would(tmp_path: Path) -> None:
+    conf = tmp_path / "fnserver.toml"
+    conf.write_text(f'data_dir = "{tmp_path / "from-file"}"\n')
+    run = _fnserver("token", "add", "acme", "deployer", "--config", str(conf))
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "from-file" / "auth.toml").is_file()
+    # FNSERVER_DATA_DIR over the file, a flag over both: the same precedence as the server's.
+    run = _fnserver("token", "add", "acme", "invoker", "--config", str(conf),
+                    env={"FNSERVER_DATA_DIR": str(tmp_path / "from-env")})
+    assert run.returncode == 0 and (tmp_path / "from-env" / "auth.toml").is_file(), run.stderr
+    run = _fnserver("token", "list", "--json", "--config", str(conf), "--data-dir", str(tmp_path / "from-flag"),
+                    env={"FNSERVER_DATA_DIR": str(tmp_path / "from-env")})
+    assert run.returncode == 0 and json.loads(run.stdout) == []
+    listed = _fnserver("token", "list", "--json", "--config", str(conf))
+    assert [t["role"] for t in json.loads(listed.stdout)] == ["deployer"]

@@ -298,12 +298,6 @@ class SqliteInvocationStore:
 
         return await self._run(read)
 
-    async def last_seq(self) -> int:
-        """The newest record's cursor."""
-        return await self._run(
-            lambda db: int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0])
-        )
-
     async def tallies(self, tenant: str | None, key: str | None) -> list[tuple[str, str, int, Tally]]:
         """Tallies, sorted by tenant, function and version."""
 

@@ -165,8 +165,5 @@ class InvocationStore(Protocol):
                       limit: int) -> list[InvocationRecord]:
         """A function's newest ``limit`` records after cursor ``after``, oldest first."""
 
-    async def last_seq(self) -> int:
-        """The newest record's ``seq`` (0 when there is none)."""
-
     async def tallies(self, tenant: str | None, key: str | None) -> list[tuple[str, str, int, Tally]]:
         """(tenant, key, version, tally) of one function, one tenant's or (None) every one."""

@@ -286,7 +286,10 @@ class CallService:
             await self._recorded.wait(min(left, 1.0))
         if not found and req.after is None:
             await self._must_exist(ctx, key, req.name)
-        last = found[-1].seq if found else (req.after if req.after is not None else await self.store.last_seq())
+        # With nothing found the cursor stays where it was (0 for a first call): every later
+        # record of this function is after it. The store's newest seq would race a batch
+        # stored between the two reads, and that batch's records would never be seen.
+        last = found[-1].seq if found else (req.after or 0)
         return LogsReply(tuple(_shown_record(ctx.caller, r) for r in found), last)
 
     async def stats(self, ctx: RequestContext, req: StatsRequest) -> StatsReply:

@@ -155,7 +155,8 @@ async def test_ping_and_addresses_that_are_not_fnserver(handle: ServerHandle) ->
     assert code == 0, err
     assert b"pong from fnserver" in out and b"median" in out and b" ms over 3" in out
     code, _out, err = await run_fn("http://" + handle.address, "ping")
-    assert code != 0 and b"'http://' is not a scheme fnserver speaks" in err
+    assert code == 2 and b"'http://' is not a scheme fnserver speaks" in err
+    assert b"tls://HOST:PORT" in err
 
     async def http_like(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(100)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from . import __version__
+from ._address import parse_address
 from ._async import AsyncClient
 from ._results import InvokeResult
 from ._scaffold import LANGS, pack_directory, scaffold
@@ -213,6 +214,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ns.server = getattr(ns, "server", None) or os.environ.get("FN_SERVER") or DEFAULT_SERVER
     ns.token = getattr(ns, "token", None) or os.environ.get("FN_TOKEN") or None
     ns.ca_file = getattr(ns, "ca_file", None) or os.environ.get("FN_CA_FILE") or None
+    if ns.command != "new":
+        # A malformed address (http://..., a bad port) is a usage error (exit 2), not a
+        # platform one: it never reached a server.
+        try:
+            parse_address(ns.server)
+        except InvalidArgumentError as exc:
+            parser.error(exc.message)
     return ns
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -154,7 +155,8 @@ async def test_ping_and_addresses_that_are_not_fnserver(handle: ServerHandle) ->
     assert code == 0, err
     assert b"pong from fnserver" in out and b"median" in out and b" ms over 3" in out
     code, _out, err = await run_fn("http://" + handle.address, "ping")
-    assert code != 0 and b"'http://' is not a scheme fnserver speaks" in err
+    assert code == 2 and b"'http://' is not a scheme fnserver speaks" in err
+    assert b"tls://HOST:PORT" in err
 
     async def http_like(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(100)
@@ -210,3 +212,28 @@ async def test_logs_stats_and_async_from_the_command_line(handle: ServerHandle) 
     assert b"server: 1 serving process" in out
     code, _out, err = await run_fn(handle.address, "logs", "nope")
     assert code == 125 and b"NOT_FOUND" in err
+
+
+async def test_ctrl_c_at_the_delete_question_deletes_nothing(handle: ServerHandle) -> None:
+    async with AsyncClient(handle.address) as c:
+        await c.register("kept", BINARY, filename="b.wasm")
+    term = Terminal("delete", "kept", address=handle.address)
+    await asyncio.to_thread(term.read_until, b"[y/N]")
+    term.proc.send_signal(signal.SIGINT)
+    assert await asyncio.to_thread(term.wait) == 130
+    assert b"Traceback" not in term.seen
+    async with AsyncClient(handle.address) as c:
+        assert [v["version"] for v in (await c.get("kept"))["versions"]] == [1]
+
+
+async def test_a_folder_that_cannot_be_packed_is_said_before_connecting(tmp_path: Path) -> None:
+    # A port nobody listens on: the caller's mistake still comes first, as a usage error.
+    with socket.socket() as idle:
+        idle.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{idle.getsockname()[1]}"
+        (tmp_path / "notes.txt").write_text("not a function\n")
+        (tmp_path / "sub").mkdir()
+        code, _out, err = await run_fn(address, "register", "x", str(tmp_path))
+    assert code == 2, err
+    assert b"found no .go, .c, .zig, .wat or .wasm file (notes.txt, sub/)" in err
+    assert b"UNAVAILABLE" not in err

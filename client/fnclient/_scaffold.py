@@ -145,7 +145,13 @@ def pack_directory(directory: Path) -> Packed:
     sources = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in _SOURCES)
     if len(sources) == 1:
         return Packed(None, str(sources[0]), sources[0].name, f"its one source file, {sources[0].name}")
-    found = ", ".join(p.name for p in sources) or "no .go, .c, .zig, .wat or .wasm file"
+    if sources:
+        found = ", ".join(p.name for p in sources)
+    else:
+        # Say what is there instead, so a wrong folder is plain to see.
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir())
+        listed = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        found = f"no .go, .c, .zig, .wat or .wasm file ({listed or 'the folder is empty'})"
     raise ValueError(
         f"cannot tell what to upload from {directory}: it needs a go.mod (a Go module) or exactly"
         f" one source file (.go, .c, .zig, .wat, .wasm); found {found}"

@@ -16,11 +16,13 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
 from . import __version__
+from ._address import parse_address
 from ._async import AsyncClient
 from ._results import InvokeResult
 from ._scaffold import LANGS, pack_directory, scaffold
@@ -212,6 +214,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ns.server = getattr(ns, "server", None) or os.environ.get("FN_SERVER") or DEFAULT_SERVER
     ns.token = getattr(ns, "token", None) or os.environ.get("FN_TOKEN") or None
     ns.ca_file = getattr(ns, "ca_file", None) or os.environ.get("FN_CA_FILE") or None
+    if ns.command != "new":
+        # A malformed address (http://..., a bad port) is a usage error (exit 2), not a
+        # platform one: it never reached a server.
+        try:
+            parse_address(ns.server)
+        except InvalidArgumentError as exc:
+            parser.error(exc.message)
     return ns
 
 
@@ -248,6 +257,16 @@ def _print_error(exc: FnError) -> None:
 async def _run(ns: argparse.Namespace) -> int:
     if ns.command == "new":
         return _cmd_new(ns)
+    if ns.command == "register":
+        # The caller's own mistakes (a bad --env, a folder that cannot be packed) are said
+        # before any connection, so they do not hide behind a server that is down.
+        try:
+            upload = await _prepare_upload(ns)
+        except ValueError as exc:
+            print(f"fn: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        async with AsyncClient(ns.server, ns.token, ca_file=ns.ca_file) as client:
+            return await _cmd_register(client, ns, upload)
     async with AsyncClient(ns.server, ns.token, ca_file=ns.ca_file) as client:
         handler = _COMMANDS[ns.command]
         return await handler(client, ns)
@@ -282,24 +301,30 @@ def parse_env(pairs: Sequence[str], env_file: str | None) -> dict[str, str]:
     return env
 
 
-async def _cmd_register(client: AsyncClient, ns: argparse.Namespace) -> int:
-    try:
-        env = parse_env(ns.env, ns.env_file)
-    except ValueError as exc:
-        print(f"fn: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    source: str | bytes = ns.file
-    filename: str | None = None
-    if os.path.isdir(ns.file):
-        try:
-            packed = pack_directory(Path(ns.file))
-        except ValueError as exc:
-            print(f"fn: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        if not ns.quiet and not ns.json:
-            print(f"fn: uploading {ns.file} as {packed.what}", file=sys.stderr)
-        source = packed.data if packed.data is not None else (packed.path or ns.file)
-        filename = packed.filename
+@dataclass(frozen=True)
+class _Upload:
+    """What ``fn register`` sends: a path or packed bytes, the file name, the environment."""
+
+    source: str | bytes
+    filename: str | None
+    env: dict[str, str]
+
+
+async def _prepare_upload(ns: argparse.Namespace) -> _Upload:
+    """The register's input, made without the server; ValueError says what is wrong."""
+    env = parse_env(ns.env, ns.env_file)
+    if not os.path.isdir(ns.file):
+        return _Upload(ns.file, None, env)
+    # Zipping a module reads every file: off the event loop, as all file work.
+    packed = await asyncio.to_thread(pack_directory, Path(ns.file))
+    if not ns.quiet and not ns.json:
+        print(f"fn: uploading {ns.file} as {packed.what}", file=sys.stderr)
+    source = packed.data if packed.data is not None else (packed.path or ns.file)
+    return _Upload(source, packed.filename, env)
+
+
+async def _cmd_register(client: AsyncClient, ns: argparse.Namespace, upload: _Upload) -> int:
+    source, filename, env = upload.source, upload.filename, upload.env
     progress = _Progress(sys.stderr, filename or os.path.basename(ns.file), quiet=ns.quiet)
 
     async def heartbeat() -> None:
@@ -476,9 +501,11 @@ async def _cmd_invoke(client: AsyncClient, ns: argparse.Namespace) -> int:
     return result.exit_code % 256
 
 
-async def _read_stdin() -> bytes:
-    """All of stdin, read on a daemon thread: Ctrl-C reaches the event loop (and ends ``fn``
-    with 130) even while the read blocks on a terminal."""
+async def _read_stdin(*, line: bool = False) -> bytes:
+    """All of stdin (or, with ``line``, up to the first newline), read on a daemon thread:
+    Ctrl-C reaches the event loop (and ends ``fn`` with 130) even while the read blocks on a
+    terminal. Not ``asyncio.to_thread``: ``asyncio.run`` joins its executor's threads at exit,
+    so a read still blocked there would hold ``fn`` until the user pressed Enter."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[bytes] = loop.create_future()
 
@@ -495,8 +522,10 @@ async def _read_stdin() -> bytes:
         # holds its lock, and the interpreter aborts at exit waiting for it (after Ctrl-C).
         chunks = []
         try:
-            while chunk := os.read(0, 1 << 16):
+            while chunk := os.read(0, 1 if line else 1 << 16):
                 chunks.append(chunk)
+                if line and chunk == b"\n":
+                    break
             data = b"".join(chunks)
         except Exception as exc:  # handed to the loop as it is
             loop.call_soon_threadsafe(settle, None, exc)
@@ -505,6 +534,14 @@ async def _read_stdin() -> bytes:
 
     threading.Thread(target=read, name="fn-stdin", daemon=True).start()
     return await done
+
+
+async def _ask(question: str) -> bool:
+    """``question [y/N]`` on the terminal; True for y or yes. Ctrl-C while it waits exits 130."""
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    answer = (await _read_stdin(line=True)).decode("utf-8", "replace")
+    return answer.strip().lower() in ("y", "yes")
 
 
 def _result_json(result: InvokeResult) -> dict[str, Any]:
@@ -706,8 +743,7 @@ async def _cmd_delete(client: AsyncClient, ns: argparse.Namespace) -> int:
             print(f"fn: error: 'fn delete {name}' deletes every version of {name};"
                   f" pass --yes to confirm, or name one version: fn delete {name}@VERSION", file=sys.stderr)
             return EXIT_USAGE
-        answer = await asyncio.to_thread(input, f"delete every version of {name}? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
+        if not await _ask(f"delete every version of {name}?"):
             print("nothing deleted", file=sys.stderr)
             return 1
     result = await client.delete(name, version)
@@ -798,7 +834,6 @@ A directory is packed: a Go module (go.mod at its top) is zipped, a folder with 
 one .go, .c, .zig, .wat or .wasm file uploads that file (fn new NAME makes one)."""
 
 _COMMANDS: Final = {
-    "register": _cmd_register,
     "invoke": _cmd_invoke,
     "list": _cmd_list,
     "get": _cmd_get,

@@ -316,7 +316,7 @@ class CallService:
     async def server_stats(self) -> ServerStats:
         """This process's gauges with the serving processes' latest reports."""
         now = time.monotonic()
-        total = replace(self.gauges(), async_queued=self._async_queued)
+        total = self.gauges()
         for pid, (at, stats) in list(self._reports.items()):
             if now - at > REPORT_STALE_S:
                 del self._reports[pid]

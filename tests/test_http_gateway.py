@@ -409,3 +409,31 @@ async def test_supervisor_shares_the_http_port_among_serving_processes(tmp_path:
     finally:
         proc.terminate()
         assert await proc.wait() == 0
+
+
+async def test_a_client_that_never_reads_its_reply_is_dropped(server_config: ServerConfig) -> None:
+    config = replace(server_config, http_port=0, write_timeout_s=1.0)
+    async for gw in _gateway(config):
+        assert gw.server.http is not None
+        await gw.register("flood", wf.stdout_flood(), "&timeout_ms=2000")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", gw.server.http.port))
+        await loop.sock_sendall(sock, b"POST /v1/functions/flood/invoke HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        http = gw.server.http
+
+        def stuck(front: Any = http) -> list[Any]:
+            return [c for c in front.conns if c.transport_ is not None and c.transport_.get_write_buffer_size()]
+
+        async with asyncio.timeout(60):  # bounds only: a hang becomes a failure
+            while not stuck():  # its 6 MiB reply waits in the server
+                await asyncio.sleep(0.02)
+            (victim,) = stuck()
+            status, _h, _b = await gw.call("GET", "/healthz")  # everyone else is served
+            assert status == 200
+            while victim in http.conns:  # until the write deadline drops it
+                await asyncio.sleep(0.02)
+        assert victim.transport_ is not None and victim.transport_.is_closing()
+        sock.close()

@@ -405,6 +405,9 @@ async def test_supervisor_shares_the_http_port_among_serving_processes(tmp_path:
                 async with session.get(f"{url}/readyz") as r:
                     doc = await r.json()
                     assert r.status == 200 and doc["checks"] == {"control": "ok"}, doc
+                async with session.get(f"{url}/metrics") as r:  # relayed: the control process's
+                    text = await r.text()
+                    assert r.status == 200 and "# TYPE fnserver_processes gauge" in text, text
             assert (await client.invoke("other", b"tcp")).output == b"tcp"
     finally:
         proc.terminate()
@@ -437,3 +440,42 @@ async def test_a_client_that_never_reads_its_reply_is_dropped(server_config: Ser
                 await asyncio.sleep(0.02)
         assert victim.transport_ is not None and victim.transport_.is_closing()
         sock.close()
+
+
+ECHO_GO = """package main
+
+import (
+	"io"
+	"os"
+)
+
+func main() {
+	data, _ := io.ReadAll(os.Stdin)
+	os.Stdout.Write(data)
+}
+"""
+
+
+@pytest.mark.slow
+async def test_done_when_a_go_echo_with_curl_only(gw: Gateway, tmp_path: Path) -> None:
+    """The issue's "done when", as a user of the original platform would do it."""
+    (tmp_path / "echo.go").write_text(ECHO_GO)
+    code, out = await curl("-F", "name=echo", "-F", "version=v1", "-F", f"file=@{tmp_path / 'echo.go'}",
+                           gw.url + "/functions")
+    doc = json.loads(out)
+    assert code == 0 and doc["id"] == "echo@v1" and doc["kind"] == "go", doc
+    code, out = await curl("--data-urlencode", "input=hello", gw.url + "/invoke/echo@v1")
+    doc = json.loads(out)
+    assert (doc["Stdout"], doc["ExitCode"], doc["Stderr"]) == ("hello", 0, "")
+    (tmp_path / "in.bin").write_bytes(b"\x00\xffraw\n")
+    code, out = await curl("--data-binary", f"@{tmp_path / 'in.bin'}", gw.url + "/v1/functions/echo/invoke")
+    assert out == b"\x00\xffraw\n"
+    code, out = await curl("--data-binary", f"@{tmp_path / 'in.bin'}",
+                           gw.url + "/v1/functions/echo/invoke?mode=native")
+    assert out == b"\x00\xffraw\n"
+    code, out = await curl(gw.url + "/functions")
+    assert [v["id"] for v in json.loads(out)] == ["echo@v1"]
+    code, out = await curl("-X", "DELETE", gw.url + "/functions/echo")
+    assert json.loads(out)["deleted"] == [1]
+    code, out = await curl(gw.url + "/functions")
+    assert json.loads(out) == []

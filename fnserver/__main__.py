@@ -99,6 +99,8 @@ def parse_command(argv: list[str] | None = None) -> Command:
     p.add_argument("--max-records", type=int, default=d.max_records, help=f"invocation records kept for 'fn logs', server-wide (default {d.max_records})")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics over HTTP on this port (default: off)")
     p.add_argument("--metrics-host", default=None, help="address of the metrics port (default: --host)")
+    p.add_argument("--http-port", type=int, default=None, help="serve the HTTP gateway (REST API, dashboard, /healthz, /metrics) on this port (default: off; docs/HTTP.md)")
+    p.add_argument("--http-host", default=None, help="address of the HTTP gateway (default: --host)")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"], help="info logs one access line per request (default info)")
     p.add_argument("--log-format", default=d.log_format, choices=["text", "json"], help="text: human lines; json: one JSON object per line (default text)")
     p.add_argument("--config", type=Path, default=None, help="read options from this TOML file (keys: the flags' names with underscores); FNSERVER_<KEY> variables override it, flags override both")
@@ -106,6 +108,7 @@ def parse_command(argv: list[str] | None = None) -> Command:
     p.add_argument("--version", action="version", version=f"fnserver {__version__}")
     # Set by the supervisor for the serving processes it starts (fnserver/supervisor.py).
     p.add_argument("--serve-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--http-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--role", choices=["serving", "control"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--control", default=None, help=argparse.SUPPRESS)
@@ -139,6 +142,8 @@ def parse_command(argv: list[str] | None = None) -> Command:
         p.error("--result-ttl must be more than 0")
     if a.metrics_port is not None and not 0 <= a.metrics_port <= 65535:
         p.error("--metrics-port must be a port number from 0 to 65535")
+    if a.http_port is not None and not 0 <= a.http_port <= 65535:
+        p.error("--http-port must be a port number from 0 to 65535")
     if a.print_config:
         sys.stdout.write(to_toml(options, a))
         raise SystemExit(0)
@@ -206,6 +211,9 @@ def parse_command(argv: list[str] | None = None) -> Command:
         max_records=a.max_records,
         metrics_port=a.metrics_port,
         metrics_host=a.metrics_host,
+        http_port=a.http_port,
+        http_host=a.http_host,
+        http_fd=a.http_fd,
         log_level=a.log_level,
         log_format=a.log_format,
     )

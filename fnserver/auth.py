@@ -46,7 +46,7 @@ from typing import Any, Final
 import tomli_w
 
 from ._quotas import QuotaBook
-from .config import ServerConfig, TenantLimits
+from .config import ServerConfig, TenantLimits, is_loopback
 from .protocol import NAME_RE
 from .service._context import DEFAULT_TENANT, INTERNAL_ID, ROLES, SHARED_ID, Caller
 
@@ -509,8 +509,9 @@ def exposure_problem(config: ServerConfig) -> str | None:
         return f"the auth file {config.auth_path}: {exc}"
     if data.tokens:
         return None
+    exposed = config.host if not is_loopback(config.host) else config.http_address_host
     return (
-        f"refusing to listen on {config.host or 'every interface'} without tokens: anyone who can"
+        f"refusing to listen on {exposed or 'every interface'} without tokens: anyone who can"
         " reach the port could run code. Create a token first"
         f" ('fnserver token add TENANT admin --data-dir {config.data_dir}'), listen on 127.0.0.1,"
         " or pass --insecure if that is really what you want"

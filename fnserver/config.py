@@ -147,6 +147,11 @@ class ServerConfig:
     #: (None: ``host``).
     metrics_port: int | None = None
     metrics_host: str | None = None
+    #: Serve the HTTP gateway (docs/HTTP.md) on this port (None: off), on ``http_host``
+    #: (None: ``host``); under the supervisor, on the socket it passes (``http_fd``).
+    http_port: int | None = None
+    http_host: str | None = None
+    http_fd: int | None = None
     #: ``text`` (human lines) or ``json`` (one JSON object per line).
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -167,7 +172,14 @@ class ServerConfig:
     def open_ok(self) -> bool:
         """Whether this server may serve clients without tokens: on loopback, or when the
         operator said ``--insecure``."""
-        return self.insecure or is_loopback(self.host)
+        return self.insecure or (
+            is_loopback(self.host) and (self.http_port is None or is_loopback(self.http_address_host))
+        )
+
+    @property
+    def http_address_host(self) -> str:
+        """Where the HTTP gateway listens: ``http_host``, or ``host``."""
+        return self.http_host if self.http_host is not None else self.host
 
     @property
     def modules_dir(self) -> Path:

@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Awaitable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from ._quotas import QuotaBook
@@ -27,6 +27,9 @@ from .metrics import MetricsServer
 from .registry import Registry
 from .service import ControlLink, Services
 from .transport import TcpFront
+
+if TYPE_CHECKING:
+    from .gateway import HttpFront
 
 __all__ = ["FnServer"]
 
@@ -110,7 +113,14 @@ class FnServer:
             # embedding). The control process's socket is loopback, for its serving processes.
             tls = server_context(config)
         self.tcp = TcpFront(config, self.services, tls if config.role != "control" else None)
-        self.services.connection_count = lambda: len(self.tcp.connections())
+        # The HTTP gateway (docs/HTTP.md): the same services, on the same loop; serving
+        # processes only (the control process's socket is for them, not for clients).
+        self.http: HttpFront | None = None
+        if config.http_port is not None and config.role != "control":
+            from .gateway import HttpFront
+
+            self.http = HttpFront(config, self.services, self.tcp, tls)
+        self.services.connection_count = lambda: len(self.tcp.connections()) + self.tcp.others
         self.services.loop_lag_s = self.tcp.lag.recent_lag_s
         self.metrics: MetricsServer | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -141,6 +151,8 @@ class FnServer:
         await self.pool.start()
         await self.services.start()
         await self.tcp.start()
+        if self.http is not None:
+            await self.http.start()
         if self.config.metrics_port is not None and self.config.role != "serving":
             self.metrics = MetricsServer(self.services, self.config)
             await self.metrics.start()
@@ -185,7 +197,11 @@ class FnServer:
             await self._stopped.wait()
             return
         self._stopping = True
-        await self.tcp.stop(self.config.shutdown_grace_s)
+        grace = self.config.shutdown_grace_s
+        if self.http is not None:
+            await asyncio.gather(self.tcp.stop(grace), self.http.stop(grace))
+        else:
+            await self.tcp.stop(grace)
         current = asyncio.current_task()
         others = [t for t in self._background if t is not current]
         for task in others:

@@ -62,6 +62,8 @@ class _Slot:
     index: int
     sock: socket.socket
     role: str = "serving"
+    #: The HTTP gateway's socket of this serving process (``--http-port``), or None.
+    http_sock: socket.socket | None = None
     proc: subprocess.Popen[bytes] | None = None
     pidfd: int = -1
     ready_r: int = -1
@@ -96,6 +98,7 @@ class Supervisor:
             raise ValueError(f"processes must be at most {USAGE_COLUMNS}")
         self.usage = SharedUsage.create()
         self.port = 0
+        self.http_port: int | None = None
         self._stopping = False
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -105,18 +108,17 @@ class Supervisor:
     def bind(self) -> None:
         """Bind and listen on every socket (port 0: the first one picks the port)."""
         host, port = self.config.host, self.config.port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        http_host, http_port = self.config.http_address_host, self.config.http_port
         for i in range(self.processes):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            sock.listen(BACKLOG)
-            sock.setblocking(False)
-            if i == 0:
-                port = sock.getsockname()[1]
-            self.slots.append(_Slot(i, sock))
+            sock = _listener(host, port)
+            port = sock.getsockname()[1]  # port 0: the first socket picks it
+            http_sock = None
+            if http_port is not None:
+                http_sock = _listener(http_host, http_port)
+                http_port = http_sock.getsockname()[1]
+            self.slots.append(_Slot(i, sock, http_sock=http_sock))
         self.port = port
+        self.http_port = http_port
         # The control process's socket: loopback only, kept open across its restarts.
         ctl = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         ctl.bind(("127.0.0.1", 0))
@@ -127,6 +129,16 @@ class Supervisor:
     @property
     def _all(self) -> list[_Slot]:
         return ([self.control] if self.control is not None else []) + self.slots
+
+    @property
+    def http_url(self) -> str | None:
+        """The HTTP gateway's base URL, or None when it is off."""
+        if self.http_port is None:
+            return None
+        host = self.config.http_address_host
+        host = f"[{host}]" if ":" in host else host
+        scheme = "https" if self.config.tls_cert is not None else "http"
+        return f"{scheme}://{host}:{self.http_port}"
 
     @property
     def address(self) -> str:
@@ -154,6 +166,9 @@ class Supervisor:
             self.usage.reset_column(slot.index)
             args += ["--usage-fd", str(self.usage.fd), "--usage-column", str(slot.index)]
             passed.append(self.usage.fd)
+            if slot.http_sock is not None:
+                args += ["--http-fd", str(slot.http_sock.fileno())]
+                passed.append(slot.http_sock.fileno())
         if slot.role != "control" or slot.restarts:
             args.append("--no-warm")  # the control process warms the build cache, once
         slot.proc = subprocess.Popen(
@@ -246,8 +261,9 @@ class Supervisor:
                 if not announced and serving and all(s.ready for s in self.slots):
                     announced = True
                     log.info(
-                        "fnserver %s listening on %s (%d serving processes, data %s)",
+                        "fnserver %s listening on %s (%d serving processes, data %s)%s",
                         __version__, self.address, self.processes, self.config.data_dir,
+                        f"; HTTP gateway on {self.http_url}" if self.http_url else "",
                     )
                 if not announced and time.monotonic() > start_deadline:
                     log.error("serving processes did not start within %d s", READY_TIMEOUT_S)
@@ -295,6 +311,8 @@ class Supervisor:
                     with contextlib.suppress(OSError):
                         os.close(fd)
             slot.sock.close()
+            if slot.http_sock is not None:
+                slot.http_sock.close()
         self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -316,6 +334,18 @@ class Supervisor:
                 log.warning("%s did not stop; killing it", _name(slot))
                 slot.proc.kill()
                 slot.proc.wait()
+
+
+def _listener(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` that more sockets may share (``SO_REUSEPORT``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
+    return sock
 
 
 def _name(slot: _Slot) -> str:

@@ -154,6 +154,10 @@ class InvocationStore(Protocol):
     async def queued(self) -> int:
         """Calls waiting to be claimed."""
 
+    async def probe(self) -> None:
+        """Write something small and commit it: raises if the store cannot take writes
+        (readiness, ``GET /readyz``)."""
+
     async def expire(self, finished_before: float) -> int:
         """Forget results that finished before the given time; return how many."""
 

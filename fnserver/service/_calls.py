@@ -299,6 +299,9 @@ class CallService:
             rows = await self.store.tallies(tenant_of(key), key)
             if not rows:
                 await self._must_exist(ctx, key, req.name)
+        elif req.all:
+            require(ctx.caller, ALL_TENANTS, "see every tenant's statistics")
+            rows = await self.store.tallies(None, None)
         else:
             tenant = req.tenant or ctx.caller.tenant
             if tenant != ctx.caller.tenant:
@@ -362,6 +365,9 @@ class RelayedCallService:
         """Relayed by registry key, or for the caller's tenant."""
         if req.name is not None:
             relayed = StatsRequest(key_for(ctx.caller, req.name))
+        elif req.all:
+            require(ctx.caller, ALL_TENANTS, "see every tenant's statistics")
+            relayed = req
         else:
             relayed = StatsRequest(None, req.tenant or ctx.caller.tenant)
             if relayed.tenant != ctx.caller.tenant:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from .. import __version__
@@ -20,6 +23,7 @@ from ..protocol import (
     CompileReply,
     CompileRequest,
     CompleteRequest,
+    FnError,
     HelloReply,
     InvalidArgumentError,
     InvocationRecord,
@@ -31,6 +35,7 @@ from ..protocol import (
     ReportRequest,
     ServerLimits,
     ServerStats,
+    UnavailableError,
 )
 from ..registry import Registry
 from ._access import audit_event, authorize
@@ -59,6 +64,7 @@ class Services:
         self.config = config
         self.registry = registry
         self.pool = pool
+        self.link = link
         #: Every tenant's quotas: the flags' defaults, with the auth file's overrides.
         self.quotas = quotas if quotas is not None else QuotaBook(config.tenant_limits)
         if auth is None:
@@ -230,8 +236,42 @@ class Services:
         )
 
     async def ping(self, ctx: RequestContext, req: PingRequest) -> PingReply:
-        """§5.1."""
+        """§5.1; with ``deep``, UNAVAILABLE unless :meth:`readiness` finds everything ready."""
+        if req.deep:
+            checks = await self.readiness()
+            failed = {name: why for name, why in checks.items() if why != "ok"}
+            if failed:
+                raise UnavailableError(
+                    "not ready: " + "; ".join(f"{name}: {why}" for name, why in failed.items()),
+                    {"reason": "not_ready", "checks": checks},
+                )
         return PingReply()
+
+    async def readiness(self) -> dict[str, str]:
+        """Each readiness check by name: ``"ok"`` or what is wrong (``GET /readyz``).
+
+        Where native calls run, a worker is up; where the stores are written, the invocation
+        store commits a write and the data directory is writable; a serving process asks its
+        control process for the same (a deep ping), which is what it relays its writes to.
+        """
+        checks: dict[str, str] = {}
+        if self.config.role != "serving":
+            pool = self.pool.stats()
+            checks["workers"] = "ok" if pool["pids"] or not pool["workers"] else "no native worker is running"
+        if isinstance(self.calls, CallService):
+            try:
+                await self.calls.store.probe()
+                checks["store"] = "ok"
+            except Exception as exc:  # any failure to write is the answer, not an error
+                checks["store"] = f"the invocation store takes no writes ({type(exc).__name__})"
+            checks["data_dir"] = await asyncio.to_thread(_writable, self.config.data_dir)
+        if self.link is not None:
+            try:
+                await self.link.call(PingRequest(deep=True))
+                checks["control"] = "ok"
+            except FnError as err:
+                checks["control"] = err.message
+        return checks
 
     async def compile(self, ctx: RequestContext, req: CompileRequest) -> CompileReply:
         """§5.10: the version's module compiled into the node's cache (checked again if there)."""
@@ -250,6 +290,16 @@ class Services:
             info.limits.fuel is not None,
         )
         return CompileReply(shown(ctx.caller, key), info.version)
+
+
+def _writable(path: Path) -> str:
+    """``"ok"`` if a file can be created in ``path`` now, else why not."""
+    try:
+        with tempfile.TemporaryFile(dir=path, prefix=".ready-"):
+            pass
+    except OSError as exc:
+        return f"the data directory is not writable ({exc.strerror or type(exc).__name__})"
+    return "ok"
 
 
 class NativeOnlyInvokeService(InvokeService):

@@ -53,7 +53,7 @@ from ..service import Caller, RequestContext, Services, UploadSink, audit_event,
 from ..service._calls import follow_records
 from ._lag import LagMonitor
 
-__all__ = ["DISPATCHED_OPS", "TcpFront", "big_blocks_from_mmap"]
+__all__ = ["DISPATCHED_OPS", "TcpFront", "access_line", "big_blocks_from_mmap", "os_error_reply"]
 
 log = logging.getLogger("fnserver")
 #: One line per request at info level (OPERATIONS.md "Logs").
@@ -120,6 +120,8 @@ class TcpFront:
         self._server: asyncio.Server | None = None
         self._connections: set[Connection] = set()
         self._per_peer: Counter[str] = Counter()
+        #: Connections of other fronts counted against the same limits (the HTTP gateway's).
+        self.others = 0
         #: Bytes all connections' decoders hold (unfinished frames, and frames not yet taken).
         self.buffered = 0
         #: Frame lengths reserved against max_buffered by connections reading a big frame.
@@ -169,29 +171,51 @@ class TcpFront:
 
     def attach(self, conn: Connection) -> FnError | None:
         """A connection opened: count it, or say why it is refused (§1.1)."""
+        refused = self.admit(conn.peer_host)
+        if refused is None:
+            self._connections.add(conn)
+        return refused
+
+    def admit(self, peer_host: str) -> FnError | None:
+        """Count one more connection from ``peer_host`` (of this front, or of another front
+        that shares its limits: the HTTP gateway), or say why it is refused (§1.1)."""
         c = self.config
-        if len(self._connections) >= c.max_connections:
+        if len(self._connections) + self.others >= c.max_connections:
             return UnavailableError(
                 f"the server has {c.max_connections} connections open; retry later",
                 {"reason": "too_many_connections", "limit": c.max_connections},
             )
-        if self._per_peer[conn.peer_host] >= c.max_connections_per_peer:
+        if self._per_peer[peer_host] >= c.max_connections_per_peer:
             return UnavailableError(
                 f"{c.max_connections_per_peer} connections from your address are open; close"
                 " one or retry later",
                 {"reason": "too_many_connections_from_peer", "limit": c.max_connections_per_peer},
             )
-        self._connections.add(conn)
-        self._per_peer[conn.peer_host] += 1
+        self._per_peer[peer_host] += 1
         return None
+
+    def admit_other(self, peer_host: str) -> FnError | None:
+        """:meth:`admit` for a connection of another front; :meth:`leave_other` undoes it."""
+        refused = self.admit(peer_host)
+        if refused is None:
+            self.others += 1
+        return refused
+
+    def leave_other(self, peer_host: str) -> None:
+        """A connection counted by :meth:`admit_other` closed."""
+        self.others -= 1
+        self._leave(peer_host)
+
+    def _leave(self, peer_host: str) -> None:
+        self._per_peer[peer_host] -= 1
+        if self._per_peer[peer_host] <= 0:
+            del self._per_peer[peer_host]
 
     def detach(self, conn: Connection) -> None:
         """A connection closed: forget it and give back what it held."""
         if conn in self._connections:
             self._connections.discard(conn)
-            self._per_peer[conn.peer_host] -= 1
-            if self._per_peer[conn.peer_host] <= 0:
-                del self._per_peer[conn.peer_host]
+            self._leave(conn.peer_host)
         self._backlogged.discard(conn)
         self._budget_waiters.pop(conn, None)
         self.release(conn)
@@ -327,7 +351,7 @@ def big_blocks_from_mmap() -> None:
         pass
 
 
-def _access_line(op: str, ctx: RequestContext | None, req: Any, reply: Any, outcome: str,
+def access_line(op: str, ctx: RequestContext | None, req: Any, reply: Any, outcome: str,
                  seconds: float, peer: str) -> None:
     """One line per request at info (``fnserver.access``): operation, tenant,
     function@version, outcome code and duration; JSON logs get each as a field."""
@@ -846,18 +870,22 @@ class Connection(asyncio.Protocol):
         finally:
             self._in_flight.discard(req_id)
             if op not in _QUIET_OPS and access.isEnabledFor(logging.INFO):
-                _access_line(op, ctx, req, reply, outcome, time.perf_counter() - started, self.peer)
+                access_line(op, ctx, req, reply, outcome, time.perf_counter() - started, self.peer)
 
     def _os_error(self, op: str, req_id: int, exc: OSError) -> FnError:
-        """An OSError a service let through, translated here at the boundary: what the host ran
-        out of is RESOURCE_EXHAUSTED (logged, no traceback), anything else INTERNAL; the
-        message never carries the file name the OSError holds."""
-        why = exc.strerror or type(exc).__name__
-        if exc.errno in _RESOURCE_ERRNOS:
-            log.warning("%s request %s/%d: %s", op, self.tag, req_id, why)
-            return ResourceExhaustedError(
-                f"the server could not complete {op}: {why}",
-                {"errno": errno.errorcode.get(exc.errno or 0, "")},
-            )
-        log.exception("%s request %s/%d failed", op, self.tag, req_id)
-        return InternalError(f"internal error: {type(exc).__name__}")
+        return os_error_reply(op, f"{self.tag}/{req_id}", exc)
+
+
+def os_error_reply(op: str, where: str, exc: OSError) -> FnError:
+    """An OSError a service let through, translated at a front's boundary: what the host ran
+    out of is RESOURCE_EXHAUSTED (logged, no traceback), anything else INTERNAL; the message
+    never carries the file name the OSError holds. ``where`` names the request in the log."""
+    why = exc.strerror or type(exc).__name__
+    if exc.errno in _RESOURCE_ERRNOS:
+        log.warning("%s request %s: %s", op, where, why)
+        return ResourceExhaustedError(
+            f"the server could not complete {op}: {why}",
+            {"errno": errno.errorcode.get(exc.errno or 0, "")},
+        )
+    log.exception("%s request %s failed", op, where)
+    return InternalError(f"internal error: {type(exc).__name__}")

@@ -369,6 +369,8 @@ class StatsRequest:
     name: str | None = None
     #: Without a name: this tenant's functions (admins; default: the caller's tenant).
     tenant: str | None = None
+    #: Without a name: every tenant's functions, named by tenant (admins).
+    all: bool = False
 
     @classmethod
     def from_wire(cls, body: Mapping[str, Any]) -> StatsRequest:
@@ -376,10 +378,10 @@ class StatsRequest:
         tenant = body.get("tenant")
         if tenant is not None and (not isinstance(tenant, str) or not NAME_RE.match(tenant)):
             raise InvalidArgumentError(f"invalid tenant {tenant!r}")
-        return cls(check_name(name) if name is not None else None, tenant)
+        return cls(check_name(name) if name is not None else None, tenant, _bool(body, "all"))
 
     def to_wire(self) -> dict[str, Any]:
-        return _present({"name": self.name, "tenant": self.tenant})
+        return _present({"name": self.name, "tenant": self.tenant, "all": self.all or None})
 
 
 @dataclass(frozen=True, slots=True)

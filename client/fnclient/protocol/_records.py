@@ -336,16 +336,18 @@ class Identity:
 
 @dataclass(frozen=True, slots=True)
 class PingRequest:
-    """§5.1."""
+    """§5.1: with ``deep``, the server first checks it is ready to serve (its workers are up,
+    its store is writable) and answers UNAVAILABLE naming the failed check if not."""
 
     op: ClassVar[str] = "ping"
+    deep: bool = False
 
     @classmethod
     def from_wire(cls, body: Mapping[str, Any]) -> PingRequest:
-        return cls()
+        return cls(_bool(body, "deep"))
 
     def to_wire(self) -> dict[str, Any]:
-        return {}
+        return {"deep": True} if self.deep else {}
 
 
 @dataclass(frozen=True, slots=True)

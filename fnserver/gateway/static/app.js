@@ -258,7 +258,7 @@ async function loadDetails(name) {
     return;
   }
   if (selected !== name) return;
-  const versions = info.versions || [];
+  const versions = (info.versions || []).slice().sort((a, b) => b.version - a.version);
   const newest = versions.find((v) => v.version === info.latest) || versions[0];
   $('function-description').textContent = (newest && newest.description) || '';
 
@@ -298,9 +298,9 @@ async function loadLogs(name) {
   const records = data.records || [];
   $('logs').replaceChildren(...records.slice().reverse().map((r) => {
     const outcome = r.error ? el('span', r.error, 'bad') : el('span', 'exit ' + r.exit_code, r.exit_code === 0 ? 'good' : 'bad');
-    return row([formatTime(r.started), el('code', r.id), r.version, r.runtime, r.mode, outcome,
-      formatUs(r.run_us), formatUs(r.queue_us), formatUs(r.wall_us), formatBytes(r.output_size),
-      r.cold ? 'cold' : 'warm', el('code', r.stderr_tail || '', 'tail')]);
+    return row([formatTime(r.started), r.version, outcome, formatUs(r.run_us), formatUs(r.queue_us),
+      formatUs(r.wall_us), formatBytes(r.output_size), r.cold ? 'cold' : 'warm', r.runtime, r.mode,
+      el('code', r.id), el('code', r.stderr_tail || '', 'tail')]);
   }));
   $('logs-empty').hidden = records.length > 0;
   return records;

@@ -249,16 +249,32 @@ function unselect() {
   showSections(false);
 }
 
+/** Pages of versions fetched at most: 2,000 versions, the most a person reads in a table. */
+const MAX_VERSION_PAGES = 20;
+
+/** The function with all its versions (page by page, up to MAX_VERSION_PAGES). */
+async function fetchFunction(name) {
+  const info = await api('GET', functionPath(name) + '?limit=100');
+  const versions = [...(info.versions || [])];
+  let cursor = info.next_cursor;
+  for (let page = 1; cursor !== null && cursor !== undefined && page < MAX_VERSION_PAGES; page++) {
+    const next = await api('GET', functionPath(name) + '?limit=100&cursor=' + encodeURIComponent(cursor));
+    versions.push(...(next.versions || []));
+    cursor = next.next_cursor;
+  }
+  return { ...info, versions, next_cursor: cursor };
+}
+
 async function loadDetails(name) {
   let info;
   try {
-    info = await api('GET', functionPath(name));
+    info = await fetchFunction(name);
   } catch (err) {
     if (selected === name) reportLoadError(err);
     return;
   }
   if (selected !== name) return;
-  const versions = (info.versions || []).slice().sort((a, b) => b.version - a.version);
+  const versions = info.versions.slice().sort((a, b) => b.version - a.version);
   const newest = versions.find((v) => v.version === info.latest) || versions[0];
   $('function-description').textContent = (newest && newest.description) || '';
 

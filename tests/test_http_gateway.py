@@ -479,3 +479,29 @@ async def test_done_when_a_go_echo_with_curl_only(gw: Gateway, tmp_path: Path) -
     assert json.loads(out)["deleted"] == [1]
     code, out = await curl(gw.url + "/functions")
     assert json.loads(out) == []
+
+
+async def test_with_a_certificate_the_gateway_serves_https(server_config: ServerConfig, tmp_path: Path) -> None:
+    import ssl
+
+    from .test_tls import Pki
+
+    pki = Pki(tmp_path / "pki")
+    config = replace(server_config, http_port=0, tls_cert=pki.cert, tls_key=pki.key)
+    handle = ServerHandle(config)
+    server = await handle.start()
+    try:
+        assert server.http is not None and server.http.url.startswith("https://")
+        trust = ssl.create_default_context(cafile=str(pki.ca_file))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as session:
+            async with session.post(f"{server.http.url}/v1/functions/echo?filename=e.wasm", data=ECHO) as r:
+                assert r.status == 201
+            async with session.post(f"{server.http.url}/v1/functions/echo/invoke", data=b"sealed") as r:
+                assert (r.status, await r.read()) == (200, b"sealed")
+        # Plain HTTP on the TLS port gets nowhere.
+        async with aiohttp.ClientSession() as plain:
+            with pytest.raises(aiohttp.ClientError):
+                async with plain.get(server.http.url.replace("https://", "http://") + "/healthz") as r:
+                    await r.read()
+    finally:
+        await handle.stop()

@@ -167,7 +167,8 @@ async def test_health_and_readiness(gw: Gateway) -> None:
 async def test_readiness_says_which_check_failed(server_config: ServerConfig, tmp_path: Path) -> None:
     async for gw in _gateway(replace(server_config, http_port=0)):
         store = gw.server.services.calls.store  # type: ignore[union-attr]
-        store._db.close()  # the store's database is gone: it takes no writes now
+        # The store's database refuses writes now (as a read-only or failing disk would).
+        await store._run(lambda db: db.execute("PRAGMA query_only = ON"))
         status, doc = await gw.json("GET", "/readyz")
         assert status == 503 and doc["status"] == "unready"
         assert doc["checks"]["store"].startswith("the invocation store takes no writes")
@@ -176,6 +177,8 @@ async def test_readiness_says_which_check_failed(server_config: ServerConfig, tm
         async with AsyncClient(gw.server.address) as client:
             with pytest.raises(UnavailableError, match="store"):
                 await client.ping(deep=True)
+        await store._run(lambda db: db.execute("PRAGMA query_only = OFF"))
+        assert (await gw.json("GET", "/readyz"))[0] == 200
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -309,6 +312,7 @@ async def test_http_connections_count_with_tcp_ones_against_the_limits(server_co
             answer = await r3.read()
             assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections_from_peer" in answer
             w3.close()
+            await w3.wait_closed()
             writer.close()
             await writer.wait_closed()
             # A slot came free: served again.
@@ -326,6 +330,7 @@ async def test_a_client_trickling_its_headers_is_dropped(server_config: ServerCo
         await writer.drain()
         assert await reader.read() == b""  # closed by the server, with nothing said
         writer.close()
+        await writer.wait_closed()
         # A silent connection is dropped too; a well-behaved one is served meanwhile.
         silent = socket.create_connection(("127.0.0.1", gw.server.http.port))
         status, _h, _b = await gw.call("GET", "/healthz")
@@ -505,3 +510,38 @@ async def test_with_a_certificate_the_gateway_serves_https(server_config: Server
                     await r.read()
     finally:
         await handle.stop()
+
+
+async def test_bodies_that_stall_or_are_malformed(server_config: ServerConfig) -> None:
+    config = replace(server_config, http_port=0, frame_timeout_s=0.5)
+    async for gw in _gateway(config):
+        assert gw.server.http is not None
+        port = gw.server.http.port
+        # A body that stops half way: 408, and the connection ends.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/functions/x?filename=x.wasm HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+        await writer.drain()
+        answer = await reader.read()
+        assert answer.startswith(b"HTTP/1.1 408") and b'"frame_timeout"' in answer, answer
+        writer.close()
+        await writer.wait_closed()
+        # A multipart body whose boundary never comes, and broken chunked encoding: 400.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b"--b\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nx\r\n--zz"
+        writer.write(b"POST /functions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        answer = await reader.read()
+        assert answer.startswith(b"HTTP/1.1 400") and b"INVALID_ARGUMENT" in answer, answer
+        writer.close()
+        await writer.wait_closed()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/functions/x/invoke HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Connection: close\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
+        await writer.drain()
+        answer = await reader.read()
+        assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request") and b"INVALID_ARGUMENT" in answer, answer
+        writer.close()
+        await writer.wait_closed()
+        status, _h, _b = await gw.call("GET", "/healthz")
+        assert status == 200

@@ -4,10 +4,12 @@ service calls the TCP front makes."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final, TypeVar
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..protocol import (
     MAX_PAGE,
@@ -21,6 +23,7 @@ from ..protocol import (
     InvokeResult,
     RegisterRequest,
     TooLargeError,
+    UnavailableError,
     VersionInfo,
     VersionRef,
     parse_version_ref,
@@ -31,6 +34,7 @@ from ._upload import Backlog, Spool, feed_sink, spooled
 
 __all__ = [
     "FIELD_LIMIT",
+    "PAUSE_LIMIT",
     "Form",
     "body_chunks",
     "delete",
@@ -44,6 +48,10 @@ __all__ = [
     "split_ref",
 ]
 
+T = TypeVar("T")
+
+#: The app key holding how long a request body may pause (the config's frame deadline).
+PAUSE_LIMIT: Final = web.AppKey("pause_limit", float)
 #: Largest text field of a form (a name, an option): anything bigger is no such field.
 FIELD_LIMIT: Final = 64 * 1024
 _READ_CHUNK: Final = 256 * 1024
@@ -86,19 +94,38 @@ def register_options(get: Callable[[str], str | None], env: list[str]) -> dict[s
     return opts
 
 
+def _pause_limit(request: web.Request) -> float:
+    return float(request.app[PAUSE_LIMIT])
+
+
+async def _within(request: web.Request, read: Awaitable[T]) -> T:
+    """One read of the body, which may not pause longer than the frame deadline."""
+    limit = _pause_limit(request)
+    try:
+        async with asyncio.timeout(limit):
+            return await read
+    except TimeoutError:
+        raise UnavailableError(
+            f"connection closed: the request body paused for over {limit:g} s",
+            {"reason": "frame_timeout"},
+        ) from None
+    except HttpProcessingError as exc:  # a body aiohttp could not parse (chunking, multipart)
+        raise InvalidArgumentError(f"malformed request body: {exc.message}") from None
+
+
 async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
     """The request body as it arrives (bounded reads: no chunk bigger than the reader's)."""
     while True:
-        data = await request.content.read(_READ_CHUNK)
+        data = await _within(request, request.content.read(_READ_CHUNK))
         if not data:
             return
         yield data
 
 
-async def part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+async def part_chunks(request: web.Request, part: BodyPartReader) -> AsyncIterator[bytes]:
     """One multipart part's bytes as they arrive."""
     while True:
-        data = await part.read_chunk(_READ_CHUNK)
+        data = await _within(request, part.read_chunk(_READ_CHUNK))
         if not data:
             return
         yield data
@@ -133,9 +160,9 @@ class Form:
         return self.fields.get(key, [])
 
 
-async def _field_text(part: BodyPartReader, name: str) -> str:
+async def _field_text(request: web.Request, part: BodyPartReader, name: str) -> str:
     data = bytearray()
-    async for chunk in part_chunks(part):
+    async for chunk in part_chunks(request, part):
         data += chunk
         if len(data) > FIELD_LIMIT:
             raise TooLargeError(f"form field {name!r} is over {FIELD_LIMIT} bytes", {"limit": FIELD_LIMIT})
@@ -162,7 +189,7 @@ class read_form:  # noqa: N801 - used as ``async with read_form(...) as form``
             )
         try:
             reader = await self.request.multipart()
-        except (AssertionError, ValueError) as exc:  # aiohttp's word for a bad boundary
+        except (AssertionError, ValueError, HttpProcessingError) as exc:  # a bad boundary
             raise InvalidArgumentError(f"malformed multipart body: {exc}") from None
         form = Form()
         try:
@@ -175,7 +202,7 @@ class read_form:  # noqa: N801 - used as ``async with read_form(...) as form``
     async def _parts(self, reader: MultipartReader, form: Form) -> None:
         while True:
             try:
-                part = await reader.next()
+                part = await _within(self.request, reader.next())
             except ValueError as exc:
                 raise InvalidArgumentError(f"malformed multipart body: {exc}") from None
             if part is None:
@@ -185,12 +212,12 @@ class read_form:  # noqa: N801 - used as ``async with read_form(...) as form``
             name = part.name or ""
             if name == self.file_field and form.spool is None:
                 form.filename = part.filename
-                self._spool_cm = spooled(part_chunks(part), self.limit)
+                self._spool_cm = spooled(part_chunks(self.request, part), self.limit)
                 form.spool = await self._spool_cm.__aenter__()
             elif name == self.file_field:
                 raise InvalidArgumentError(f"the form has more than one {name!r} part")
             else:
-                form.fields.setdefault(name, []).append(await _field_text(part, name))
+                form.fields.setdefault(name, []).append(await _field_text(self.request, part, name))
 
     async def __aexit__(self, *exc: object) -> None:
         if self._spool_cm is not None:

@@ -37,6 +37,7 @@ from ..protocol import (
 )
 from ..service import Services
 from ..transport import TcpFront, os_error_reply
+from ._actions import PAUSE_LIMIT
 from ._common import Gate, error_response, json_response
 from ._legacy import Legacy
 from ._v1 import V1
@@ -104,6 +105,20 @@ class _Conn(web.RequestHandler):
             self.partial_since = time.monotonic()
         super().data_received(data)
 
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A request aiohttp could not parse (bad request line, headers or chunking) gets the
+        JSON error every other refusal gets, and one log line without a traceback."""
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)
+        log.info("HTTP request from %s refused: %s", request.remote, message or exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was sent already")
+        err = TooLargeError if status == 413 else InvalidArgumentError
+        resp = error_response(err(f"malformed HTTP request: {message or exc or status}"), status)
+        resp.force_close()
+        return resp
+
     def check(self, now: float, config: ServerConfig) -> None:
         """Drop the connection if a deadline passed: headers owed too long, or a reply its
         client has not read for the write deadline."""
@@ -161,6 +176,7 @@ class HttpFront:
     def app(self) -> web.Application:
         """The aiohttp application: every route, behind the error middleware."""
         app = web.Application(middlewares=[self._errors], client_max_size=self.config.max_frame)
+        app[PAUSE_LIMIT] = self.config.frame_timeout_s
         app.add_routes(V1(self.gate).routes())
         app.add_routes(Legacy(self.gate).routes())
         app.add_routes(
@@ -252,9 +268,17 @@ class HttpFront:
                 raise UnavailableError("server is shutting down")
             return await handler(request)
         except FnError as err:
-            return error_response(err)
+            if err.details.get("reason") != "frame_timeout":
+                return error_response(err)
+            # The client stopped sending its body: say so, and end the connection.
+            resp = error_response(err, 408)
+            resp.force_close()
+            return resp
         except web.HTTPException as exc:
             return _http_error(exc)
+        except ConnectionResetError:
+            # The client went away mid-request: nobody is left to answer, nothing to log.
+            return error_response(UnavailableError("the connection was closed by the client"))
         except OSError as exc:
             return error_response(os_error_reply("http", f"{request.method} {request.path}", exc))
         except asyncio.CancelledError:

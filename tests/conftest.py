@@ -160,6 +160,14 @@ async def start_server_process(
 ) -> tuple[asyncio.subprocess.Process, str]:
     """``python -m fnserver`` on port 0 over ``tmp_path/data`` (the supervisor and its serving
     processes); returns the process and the address its "listening on" line names."""
+    proc, line = await start_server_process_line(tmp_path, *extra)
+    return proc, line.split("listening on ")[1].split()[0]
+
+
+async def start_server_process_line(
+    tmp_path: Path, *extra: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    """:func:`start_server_process`, returning its whole "listening on" line."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "fnserver", "--port", "0", "--data-dir", str(tmp_path / "data"),
         "--workers", "2", "--no-warm", *extra,
@@ -171,4 +179,4 @@ async def start_server_process(
         line = (await asyncio.wait_for(proc.stderr.readline(), 120)).decode()
         assert line, "the server exited before listening"
         if "listening on " in line:
-            return proc, line.split("listening on ")[1].split()[0]
+            return proc, line

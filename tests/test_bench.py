@@ -69,3 +69,13 @@ def test_tls_bench_smoke(tmp_path: Path) -> None:
     for mode in ("plain", "tls"):
         assert result["best"][mode]["p50_us"] > 0 and result["best"][mode]["per_s"] > 0
     assert set(result["ratios"]) == {"tls_p50_vs_plain", "tls_throughput_vs_plain"}
+
+
+def test_http_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "http.json"
+    proc = run_bench("bench_http.py", "--smoke", "--out", str(out))
+    assert b"HTTP/binary" in proc.stdout
+    result = json.loads(out.read_text())
+    for mode in ("binary", "http"):
+        assert result["best"][mode]["p50_us"] > 0 and result["best"][mode]["per_s"] > 0
+    assert set(result["ratios"]) == {"http_p50_vs_binary", "http_throughput_vs_binary"}

@@ -460,9 +460,10 @@ class AsyncClient:
         for tools and proxies that relay requests they already hold as records."""
         return await self._request(req, progress)
 
-    async def ping(self) -> None:
-        """Round-trip a ``ping`` (§5.1)."""
-        await self._request(PingRequest())
+    async def ping(self, *, deep: bool = False) -> None:
+        """Round-trip a ``ping`` (§5.1); ``deep``: raise UnavailableError unless the server is
+        ready to serve (its workers up, its store writable)."""
+        await self._request(PingRequest(deep))
 
     async def whoami(self) -> Identity:
         """The tenant and role the server took this client's token for (HELLO's reply, §4)."""

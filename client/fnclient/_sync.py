@@ -95,9 +95,9 @@ class Client:
             self._thread.join()
             self._loop.close()
 
-    def ping(self) -> None:
+    def ping(self, *, deep: bool = False) -> None:
         """See :meth:`AsyncClient.ping`."""
-        self._run(self._async.ping())
+        self._run(self._async.ping(deep=deep))
 
     def whoami(self) -> Identity:
         """See :meth:`AsyncClient.whoami`."""

@@ -236,6 +236,7 @@ def hold_import_path() -> list[int]:
     (a home directory covered by the mount namespace, or under a 0700 /root after a uid
     drop). Reading is all the descriptors allow; they are close-on-exec."""
     held: list[int] = []
+    moved: dict[str, str] = {}
     for i, entry in enumerate(sys.path):
         path = entry or os.getcwd()
         if path.startswith("/proc/self/fd/") or not os.path.isdir(path):
@@ -243,6 +244,18 @@ def hold_import_path() -> list[int]:
         fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         held.append(fd)
         sys.path[i] = f"/proc/self/fd/{fd}"
+        moved[os.path.join(path, "")] = f"/proc/self/fd/{fd}/"
+    # Packages imported already find their submodules through their own __path__ (``email``
+    # imported, ``email.policy`` not yet): point those at the held directories too.
+    for module in list(sys.modules.values()):
+        paths = getattr(module, "__path__", None)
+        if not isinstance(paths, list):
+            continue
+        for j, where in enumerate(paths):
+            for old, new in moved.items():
+                if isinstance(where, str) and where.startswith(old):
+                    paths[j] = new + where[len(old):]
+                    break
     sys.path_importer_cache.clear()
     return held
 

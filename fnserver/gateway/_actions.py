@@ -231,6 +231,9 @@ async def invoke(gate: Gate, ctx: RequestContext, wire: dict[str, Any]) -> Invok
 async def get_version(gate: Gate, ctx: RequestContext, name: str, version: VersionRef,
                       log: bool = False) -> VersionInfo:
     """One version's metadata (the newest for no version)."""
+    if version is None:
+        first: GetReply = await gate.services.functions.get(ctx, GetRequest.from_wire({"name": name, "limit": 1}))
+        version = first.latest
     reply: GetReply = await gate.services.functions.get(
         ctx, GetRequest.from_wire({"name": name, "version": version, "limit": 1, "log": log})
     )
@@ -238,7 +241,7 @@ async def get_version(gate: Gate, ctx: RequestContext, name: str, version: Versi
 
 
 async def all_versions(gate: Gate, ctx: RequestContext, name: str) -> list[VersionInfo]:
-    """Every version of ``name``, newest first (page by page)."""
+    """Every version of ``name``, oldest first (page by page)."""
     found: list[VersionInfo] = []
     cursor: int | None = None
     while True:

@@ -100,7 +100,7 @@ class Legacy:
                     versions = await act.all_versions(self.gate, ctx, summary.name)
                 except NotFoundError:  # deleted since the list: not listed
                     continue
-                out.extend(version_object(v) for v in reversed(versions))
+                out.extend(version_object(v) for v in versions)
             return out
 
         return json_response(await self.gate.run(request, "list", work))

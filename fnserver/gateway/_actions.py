@@ -203,6 +203,8 @@ class read_form:  # noqa: N801 - used as ``async with read_form(...) as form``
         while True:
             try:
                 part = await _within(self.request, reader.next())
+            except InvalidArgumentError:
+                raise
             except ValueError as exc:
                 raise InvalidArgumentError(f"malformed multipart body: {exc}") from None
             if part is None:

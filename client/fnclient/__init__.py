@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 
-from ._address import DEFAULT_PORT, parse_address
+from ._address import DEFAULT_PORT, parse_address, parse_addresses
 from ._async import AsyncClient, ProgressCallback, UploadStream
 from ._results import InvokeResult
 from ._sync import Client
@@ -80,4 +80,5 @@ __all__ = [
     "__version__",
     "error_from_wire",
     "parse_address",
+    "parse_addresses",
 ]

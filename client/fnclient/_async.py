@@ -2,6 +2,13 @@
 
 The codec is :mod:`fnserver.protocol`; this layer only adds the transport, futures keyed by
 request id, one owned reader task and backpressure on writes.
+
+A client may know several nodes of one deployment (issue 14): it holds one connection, to one
+of them, at a time. Each client of a process starts on the next node in turn (round robin,
+from a random node for the process's first client), so many clients spread evenly over the
+nodes, and many one-client processes (``fn`` commands) spread at random. A node that cannot be
+reached when connecting is passed over for the next one (§4: nothing but HELLO was sent);
+a connection lost later fails the calls written on it, which are never sent again.
 """
 
 from __future__ import annotations
@@ -10,13 +17,14 @@ import asyncio
 import hashlib
 import itertools
 import os
+import random
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final
 
-from ._address import parse_address, split_scheme
+from ._address import parse_address, parse_addresses, split_scheme
 from ._results import InvokeResult
 from .protocol import (
     CHUNK_SIZE,
@@ -84,8 +92,8 @@ _READ_SIZE: Final = 256 * 1024
 _UPLOAD_OVERHEAD: Final = 128
 _WASM_MAGIC: Final = b"\0asm"
 _LOST: Final = "connection to server lost"
-#: Connection attempts (refused, or lost during HELLO) before connect() gives up, and the
-#: first pause between them (doubled each time).
+#: Rounds of connection attempts (refused, or lost during HELLO) before connect() gives up,
+#: and the first pause between them (doubled each time). A round tries each node once.
 CONNECT_ATTEMPTS: Final = 4
 CONNECT_BACKOFF_S: Final = 0.05
 #: A ``get`` of every version stops after this many pages (100 versions each).
@@ -94,12 +102,38 @@ _MAX_PAGES: Final = 10_000
 _WRITE_HIGH_WATER: Final = 1 << 20
 
 
+#: The node each new multi-node client starts on: the next in turn, process-wide, from a
+#: random one (so clients of one process spread evenly, and separate processes at random).
+_starts: Final = itertools.count(random.randrange(1 << 16))
+
+
 class _Retryable(Exception):
-    """A connection attempt that failed before anything but HELLO was sent."""
+    """A connection attempt that failed before anything but HELLO was sent, and that may
+    succeed if tried again soon (refused, reset: a serving process restarting)."""
 
     def __init__(self, error: UnavailableError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+@dataclass(frozen=True, slots=True)
+class _Node:
+    """One server address of a client: as given, and how to dial it."""
+
+    address: str
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, address: str) -> _Node:
+        host, port = parse_address(address)
+        return cls(address, host, port, split_scheme(address)[0])
+
+    @property
+    def target(self) -> str:
+        """``host:port`` (brackets around an IPv6 host), for messages."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(slots=True)
@@ -109,7 +143,12 @@ class _Pending:
 
 
 class AsyncClient:
-    """Async client for one fnserver; ``async with AsyncClient("host:port") as c: ...``.
+    """Async client for fnserver; ``async with AsyncClient("host:port") as c: ...``.
+
+    ``address`` names one server, or several nodes of one deployment: a list of addresses or
+    one comma-separated string (``"h1:8080,h2:8080"``, each with its own optional ``tls://``).
+    The client holds one connection, to one node at a time (:attr:`address`); see the module's
+    docstring for which node it starts on and when it moves to another.
 
     The connection is opened by :meth:`connect` (or lazily by the first call, and again after
     a lost connection). Calls may run concurrently on one client; their replies are routed by
@@ -118,20 +157,22 @@ class AsyncClient:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         token: str | None = None,
         *,
         connect_timeout: float = 10.0,
         ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.address = address
-        self.host, self.port = parse_address(address)
-        tls, _ = split_scheme(address)
+        self._nodes = tuple(_Node.parse(a) for a in parse_addresses(address))
+        #: The node connected to, or tried first by the next connection.
+        self._index = next(_starts) % len(self._nodes) if len(self._nodes) > 1 else 0
         #: For ``tls://`` addresses: the server's certificate is checked against ``ca_file``
         #: (a PEM bundle), or the system's trusted roots without one.
         self.ca_file = ca_file
         self._ssl: ssl.SSLContext | None = (
-            ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file else None) if tls else None
+            ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file else None)
+            if any(node.tls for node in self._nodes)
+            else None
         )
         self.token = token
         self.connect_timeout = connect_timeout
@@ -156,6 +197,26 @@ class AsyncClient:
         await self.close()
 
     @property
+    def address(self) -> str:
+        """The address of the node this client is connected to (or will try first)."""
+        return self._nodes[self._index].address
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every node this client knows, in the order given."""
+        return tuple(node.address for node in self._nodes)
+
+    @property
+    def host(self) -> str:
+        """The host of :attr:`address`."""
+        return self._nodes[self._index].host
+
+    @property
+    def port(self) -> int:
+        """The port of :attr:`address`."""
+        return self._nodes[self._index].port
+
+    @property
     def connected(self) -> bool:
         """Whether a HELLO-authenticated connection is open."""
         return self._writer is not None and not self._writer.is_closing()
@@ -168,25 +229,17 @@ class AsyncClient:
         return dict(self._hello)
 
     async def connect(self) -> None:
-        """Open the connection and complete HELLO (§4); a no-op when already connected."""
+        """Open the connection and complete HELLO (§4); a no-op when already connected.
+
+        The current node is tried first, then each other in the order given. Raises
+        :class:`UnavailableError` when none can be reached, naming each and why.
+        """
         async with self._connect_lock:
             self._closed = False
             if self.connected:
                 return
-            target = (
-                f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
-            )
-            # Nothing but HELLO is sent before a connection is up, so a connection that fails
-            # here (refused, or reset by a serving process that died) is retried: a server
-            # restarting one of its processes costs a caller a short wait, not an error.
-            for attempt in range(CONNECT_ATTEMPTS):
-                try:
-                    reader, writer, decoder, hello = await self._open(target)
-                    break
-                except _Retryable as exc:
-                    if attempt == CONNECT_ATTEMPTS - 1:
-                        raise exc.error from exc.__cause__
-                    await asyncio.sleep(CONNECT_BACKOFF_S * 2**attempt)  # backoff, not a sync
+            reader, writer, decoder, hello = await self._open_any()
+            target = self._nodes[self._index].target
             max_frame = hello.get("max_frame")
             if isinstance(max_frame, int) and max_frame > 0:
                 decoder.max_frame = max_frame
@@ -196,21 +249,79 @@ class AsyncClient:
                 self._read_loop(reader, writer, decoder), name=f"fnclient-reader-{target}"
             )
 
-    async def _open(
-        self, target: str
+    async def _open_any(
+        self,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, FrameDecoder, dict[str, Any]]:
-        """One connection attempt with its HELLO; :class:`_Retryable` when it may be tried
-        again (the connection failed before the server answered anything)."""
+        """Connect to the current node or, failing that, to the next ones in turn; make the
+        node that answered the current one.
+
+        Nothing but HELLO is sent before a connection is up, so a node that cannot be reached
+        (refused, unreachable, timed out, TLS failure, HELLO answered UNAVAILABLE) is passed
+        over for the next, each tried at most once per round. Nodes whose failure may pass
+        soon (refused, or reset by a serving process that died) get further rounds, after a
+        pause: a server restarting one of its processes costs a caller a short wait, not an
+        error. Any other error (a wrong token, not an fnserver) is raised at once.
+        """
+        count = len(self._nodes)
+        order = [(self._index + k) % count for k in range(count)]
+        failures: dict[int, UnavailableError] = {}
+        for attempt in range(CONNECT_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(CONNECT_BACKOFF_S * 2 ** (attempt - 1))  # backoff, not a sync
+            again: list[int] = []
+            for index in order:
+                try:
+                    opened = await self._open(self._nodes[index])
+                except _Retryable as exc:
+                    exc.error.__cause__ = exc.__cause__
+                    failures[index] = exc.error
+                    again.append(index)
+                    continue
+                except UnavailableError as exc:
+                    failures[index] = exc
+                    continue
+                self._index = index
+                return opened
+            order = again
+            if not order:
+                break
+        raise self._unreachable(failures)
+
+    def _unreachable(self, failures: Mapping[int, UnavailableError]) -> UnavailableError:
+        """The error of a :meth:`connect` that reached no node: a single node's own, or one
+        naming every node tried and why (``details["tried"]``: address and message each)."""
+        if len(self._nodes) == 1:
+            return failures[0]
+        tried = [(self._nodes[i], failures[i]) for i in sorted(failures)]
+        reasons = "; ".join(
+            f"{node.address}: {_strip_prefix(err.message, f'cannot connect to {node.target}: ')}"
+            for node, err in tried
+        )
+        return UnavailableError(
+            f"cannot connect to any of the {len(self._nodes)} servers ({reasons})",
+            {"tried": [{"address": node.address, "error": err.message} for node, err in tried]},
+        )
+
+    async def _open(
+        self, node: _Node
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, FrameDecoder, dict[str, Any]]:
+        """One connection attempt to ``node`` with its HELLO: :class:`UnavailableError` when
+        the node cannot be reached, :class:`_Retryable` when it may be tried again soon (the
+        connection failed before the server answered anything)."""
+        target = node.target
+        tls = self._ssl if node.tls else None
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
-                    self.host,
-                    self.port,
-                    ssl=self._ssl,
-                    server_hostname=self.host if self._ssl is not None else None,
+                    node.host,
+                    node.port,
+                    ssl=tls,
+                    server_hostname=node.host if tls is not None else None,
                 ),
                 self.connect_timeout,
             )
+        except TimeoutError as exc:  # before OSError: TimeoutError is one
+            raise UnavailableError(f"cannot connect to {target}: timed out") from exc
         except ssl.SSLCertVerificationError as exc:
             # Not retried: the next attempt would meet the same certificate.
             raise UnavailableError(
@@ -227,12 +338,10 @@ class AsyncClient:
             ) from exc
         except OSError as exc:
             raise _Retryable(UnavailableError(f"cannot connect to {target}: {exc}")) from exc
-        except TimeoutError as exc:
-            raise UnavailableError(f"cannot connect to {target}: timed out") from exc
         decoder = FrameDecoder(DEFAULT_MAX_FRAME)
         try:
             hello = await asyncio.wait_for(
-                self._hello_exchange(reader, writer, decoder), self.connect_timeout
+                self._hello_exchange(target, reader, writer, decoder), self.connect_timeout
             )
         except BaseException as exc:
             writer.close()
@@ -265,7 +374,11 @@ class AsyncClient:
                 pass  # the peer may have reset the connection already; it is closed either way
 
     async def _hello_exchange(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, decoder: FrameDecoder
+        self,
+        target: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decoder: FrameDecoder,
     ) -> dict[str, Any]:
         writer.write(
             encode_request(
@@ -278,7 +391,7 @@ class AsyncClient:
                 frame = decoder.next_frame()
             except FnError as exc:
                 raise ProtocolError(
-                    f"the server at {self.host}:{self.port} does not speak the fnserver protocol"
+                    f"the server at {target} does not speak the fnserver protocol"
                     f" (its first reply is not a valid frame: {exc.message}); check the address"
                 ) from exc
             if frame is None:
@@ -286,7 +399,7 @@ class AsyncClient:
                 if not data:
                     raise UnavailableError(f"{_LOST} during HELLO")
                 if not decoder.buffered:
-                    _check_speaks_fnserver(data, f"{self.host}:{self.port}")
+                    _check_speaks_fnserver(data, target)
                 decoder.feed(data)
                 continue
             if frame.get("id") not in (_HELLO_ID, None):
@@ -631,7 +744,8 @@ class AsyncClient:
             if frame.get("event") == "record":
                 queue.put_nowait(InvocationRecord.from_wire(frame.get("record")))
 
-        stream = AsyncClient(self.address, self.token, connect_timeout=self.connect_timeout, ca_file=self.ca_file)
+        stream = AsyncClient(self.addresses, self.token, connect_timeout=self.connect_timeout, ca_file=self.ca_file)
+        stream._index = self._index  # the stream starts on this client's node
         try:
             req_id, future = await stream._start("logs", LogsRequest(name, version, limit, follow=True).to_wire(), on_event)
             future.add_done_callback(
@@ -719,6 +833,10 @@ def _invoke_request(name: str, input: bytes | bytearray | memoryview | str,  # n
         mode,  # type: ignore[arg-type]
         async_=async_,
     )
+
+
+def _strip_prefix(text: str, prefix: str) -> str:
+    return text[len(prefix) :] if text.startswith(prefix) else text
 
 
 def _check_speaks_fnserver(first: bytes, target: str) -> None:

@@ -24,14 +24,15 @@ _T = TypeVar("_T")
 
 
 class Client:
-    """Blocking client for one fnserver; ``with Client("host:port") as c: c.invoke(...)``.
+    """Blocking client for fnserver; ``with Client("host:port") as c: c.invoke(...)``.
 
-    ``progress`` callbacks given to :meth:`register` run on the client's loop thread.
+    ``address`` may name several nodes, as a list or a comma-separated string, as for
+    :class:`AsyncClient`. ``progress`` callbacks given to :meth:`register` run on the client's loop thread.
     """
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         token: str | None = None,
         *,
         connect_timeout: float = 10.0,
@@ -70,8 +71,13 @@ class Client:
 
     @property
     def address(self) -> str:
-        """The address given to the constructor."""
+        """The address of the node this client is connected to (or will try first)."""
         return self._async.address
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every node this client knows, in the order given."""
+        return self._async.addresses
 
     @property
     def server_info(self) -> dict[str, Any]:

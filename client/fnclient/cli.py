@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from . import __version__
-from ._address import parse_address
+from ._address import parse_addresses
 from ._async import AsyncClient
 from ._results import InvokeResult
 from ._scaffold import LANGS, pack_directory, scaffold
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--server",
         metavar="HOST:PORT",
         default=argparse.SUPPRESS,
-        help=f"server address, tls://HOST:PORT for TLS (default: $FN_SERVER or {DEFAULT_SERVER})",
+        help="server address, tls://HOST:PORT for TLS; several nodes separated by commas"
+        f" (default: $FN_SERVER or {DEFAULT_SERVER})",
     )
     common.add_argument(
         "--ca-file",
@@ -218,7 +219,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         # A malformed address (http://..., a bad port) is a usage error (exit 2), not a
         # platform one: it never reached a server.
         try:
-            parse_address(ns.server)
+            parse_addresses(ns.server)
         except InvalidArgumentError as exc:
             parser.error(exc.message)
     return ns
@@ -786,7 +787,7 @@ async def _cmd_ping(client: AsyncClient, ns: argparse.Namespace) -> int:
         f"min {min(times):.2f} / median {sorted(times)[len(times) // 2]:.2f} / max {max(times):.2f} ms"
         f" over {len(times)}"
     )
-    print(f"pong from {info.get('server', '?')} {info.get('server_version', '?')} at {ns.server}: {rtt}")
+    print(f"pong from {info.get('server', '?')} {info.get('server_version', '?')} at {client.address}: {rtt}")
     return 0
 
 
@@ -816,7 +817,7 @@ async def _cmd_whoami(client: AsyncClient, ns: argparse.Namespace) -> int:
     print(f"tenant  {me.tenant}")
     print(f"role    {me.role}")
     print(f"token   {me.token_id or '(none: this server needs no token)'}")
-    print(f"server  {ns.server} ({info.get('server', '?')} {info.get('server_version', '?')})")
+    print(f"server  {client.address} ({info.get('server', '?')} {info.get('server_version', '?')})")
     return 0
 
 

@@ -20,7 +20,8 @@ from fnclient import AsyncClient
 from fnserver.config import ServerConfig
 from fnserver.server import FnServer
 
-pytest_plugins = ["pytester"]
+# tests/_postgres.py: the postgres_cluster (session) and postgres_dsn (per test) fixtures.
+pytest_plugins = ["pytester", "tests._postgres"]
 
 #: What any test's event loop reported to its exception handler ("Task exception was never
 #: retrieved", a failing callback...): each is a test failure, not a line in the log.

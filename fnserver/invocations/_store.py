@@ -1,8 +1,9 @@
 """What the async queue, the invocation records and the statistics need from a store.
 
 The embedded backend is :class:`~fnserver.invocations.SqliteInvocationStore`, one file in the
-data directory; the PostgreSQL backend of the scale-out issue fills the same interface (claims
-there are ``FOR UPDATE SKIP LOCKED`` under the same lease rule).
+data directory; :class:`~fnserver.invocations.PostgresInvocationStore` fills the same interface
+for several nodes sharing one database (claims there are ``FOR UPDATE SKIP LOCKED`` under the
+same lease rule; its module docs say where it must differ).
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ class InvocationStore(Protocol):
 
     async def open(self) -> None:
         """Create what is missing; calls left running by a process that stopped go back to
-        the queue (they run at least once)."""
+        the queue (they run at least once). A store shared by several nodes leaves them to
+        their leases instead: another node may be running them."""
 
     async def close(self) -> None:
         """Finish pending writes and let go of the store."""

@@ -419,10 +419,11 @@ async def test_the_cluster_is_a_real_server_that_does_not_run_as_root(postgres_c
         assert await conn.fetchval("SHOW fsync") == "off"
         assert await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 0
         backend_pid = await conn.fetchval("SELECT pg_backend_pid()")
+        # Read while the connection is open: its backend process exits with it.
+        uid = next(int(line.split()[1]) for line in Path(f"/proc/{backend_pid}/status").read_text().splitlines()
+                   if line.startswith("Uid:"))
     finally:
         await conn.close()
-    uid = next(int(line.split()[1]) for line in Path(f"/proc/{backend_pid}/status").read_text().splitlines()
-               if line.startswith("Uid:"))
     assert uid != 0 and (os.geteuid() != 0 or uid == _postgres.pwd.getpwnam(_postgres.SERVER_USER).pw_uid)
     assert postgres_cluster.running and (postgres_cluster.root / "data" / "PG_VERSION").is_file()
 

@@ -29,9 +29,14 @@ CREATED_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 BACKENDS: dict[str, Callable[..., Registry]] = {"local": Registry.local, "sqlite": Registry.sqlite}
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=[*sorted(BACKENDS), "postgres"])
 def make(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Registry]:
-    """A factory of registries over one shared store location, as separate processes would be."""
+    """A factory of registries over one shared store location, as separate processes would be
+    (PostgreSQL: processes of one node over one database; test_registry_postgres.py has the
+    nodes with caches of their own)."""
+    if request.param == "postgres":
+        dsn = request.getfixturevalue("postgres_dsn")
+        return lambda **defaults: Registry.postgres(dsn, tmp_path / "node", **defaults)
     factory = BACKENDS[request.param]
     return lambda **defaults: factory(tmp_path / "data", **defaults)
 

@@ -159,6 +159,12 @@ class ArtifactStore(Protocol):
         """
         ...
 
+    async def fetch(self, digests: Iterable[str]) -> None:
+        """Make each digest readable at :meth:`path` on this node (a shared store copies what
+        another node put into its local cache; a local store has nothing to do). Called
+        before the registry shows a version another writer recorded."""
+        ...
+
     def path(self, digest: str) -> Path:
         """A local readable file holding ``digest``'s bytes; no I/O (it is on the invoke path).
 

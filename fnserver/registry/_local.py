@@ -584,6 +584,9 @@ class LocalStore:
         with self._mutex:
             self._pending.setdefault(digest, []).append(pending)
 
+    async def fetch(self, digests: Iterable[str]) -> None:
+        """Nothing to do: every process on this data directory reads the same files."""
+
     async def release(self, digest: str) -> None:
         """Drop one pending file of ``digest`` (its version is committed or abandoned)."""
         with self._mutex:

@@ -47,7 +47,7 @@ from fnserver.protocol import (
 from . import _fs, _meta
 from ._interfaces import ArtifactStore, FunctionRecord, MetadataStore, no_function, no_version
 from ._local import LocalStore
-from ._meta import NewVersion
+from ._meta import NewVersion, artifact_digests
 from ._sqlite import DigestArtifactStore, SqliteMetadataStore
 
 __all__ = ["Registry"]
@@ -142,6 +142,16 @@ class Registry:
             **defaults,
         )
 
+    @classmethod
+    def postgres(cls, dsn: str, root: Path, **defaults: int) -> Registry:
+        """Metadata and artifacts in the PostgreSQL database at ``dsn``, shared by every node;
+        this node's artifact cache under ``root/artifacts`` (``fnserver/registry/_postgres.py``)."""
+        from ._postgres import PostgresArtifactStore, PostgresMetadataStore
+
+        root = Path(root)
+        metadata = PostgresMetadataStore(dsn)
+        return cls(metadata, PostgresArtifactStore(metadata, root / "artifacts", root / "staging"), **defaults)
+
     # -- life cycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -181,6 +191,7 @@ class Registry:
                 else:
                     if names:
                         records = {n: await self.metadata.load(n) for n in sorted(names)}
+                        await self._fetch(records.values())
                         self._publish(records)
                     self._cursor = cursor
             self._refresh_done = number
@@ -190,10 +201,24 @@ class Registry:
         # then reported again by the next refresh instead of being missed.
         cursor, _ = await self.metadata.changes(None)
         records = await self.metadata.load_all()
+        await self._fetch(records.values())
         old = self._index
         entries = await asyncio.to_thread(self._entries, records, old)
         self._index = MappingProxyType({n: e for n, e in sorted(entries.items()) if e is not None})
         self._cursor = cursor
+
+    async def _fetch(self, records: Iterable[FunctionRecord | None]) -> None:
+        """Bring the artifacts of ``records``' versions to this node before they are shown
+        (a shared store's other writers put them; a local store has them already)."""
+        digests = [
+            digest
+            for record in records
+            if record is not None
+            for doc in record.versions.values()
+            for digest in artifact_digests(doc).values()
+        ]
+        if digests:
+            await self.artifacts.fetch(digests)
 
     def stale(self) -> bool:
         """Whether another writer may have changed the store since the last refresh; no I/O.

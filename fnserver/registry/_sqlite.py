@@ -420,6 +420,9 @@ class DigestArtifactStore:
     async def release(self, digest: str) -> None:
         """Nothing pending to drop: ``put`` stored the bytes under their digest directly."""
 
+    async def fetch(self, digests: Iterable[str]) -> None:
+        """Nothing to do: every writer shares this directory."""
+
     def path(self, digest: str) -> Path:
         """Where ``digest``'s bytes live (no I/O)."""
         if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):

@@ -99,6 +99,7 @@ def parse_command(argv: list[str] | None = None) -> Command:
     p.add_argument("--max-records", type=int, default=d.max_records, help=f"invocation records kept for 'fn logs', server-wide (default {d.max_records})")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics over HTTP on this port (default: off)")
     p.add_argument("--metrics-host", default=None, help="address of the metrics port (default: --host)")
+    p.add_argument("--registry", default=None, help="keep the registry, async calls and records in this PostgreSQL database, shared by every node naming it: postgresql://USER@HOST:PORT/DB (default: the data directory; docs/SCALING.md)")
     p.add_argument("--http-port", type=int, default=None, help="serve the HTTP gateway (REST API, dashboard, /healthz, /metrics) on this port (default: off; docs/HTTP.md)")
     p.add_argument("--http-host", default=None, help="address of the HTTP gateway (default: --host)")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"], help="info logs one access line per request (default info)")
@@ -142,6 +143,8 @@ def parse_command(argv: list[str] | None = None) -> Command:
         p.error("--result-ttl must be more than 0")
     if a.metrics_port is not None and not 0 <= a.metrics_port <= 65535:
         p.error("--metrics-port must be a port number from 0 to 65535")
+    if a.registry is not None and not a.registry.startswith(("postgresql://", "postgres://")):
+        p.error("--registry must be a PostgreSQL URL: postgresql://USER@HOST:PORT/DB")
     if a.http_port is not None and not 0 <= a.http_port <= 65535:
         p.error("--http-port must be a port number from 0 to 65535")
     if a.print_config:
@@ -212,6 +215,7 @@ def parse_command(argv: list[str] | None = None) -> Command:
         metrics_port=a.metrics_port,
         metrics_host=a.metrics_host,
         http_port=a.http_port,
+        registry=a.registry,
         http_host=a.http_host,
         http_fd=a.http_fd,
         log_level=a.log_level,

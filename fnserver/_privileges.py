@@ -78,6 +78,9 @@ def drop_root(config: ServerConfig) -> Dropped:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    # root's home is not ours any more: libraries that look there (asyncpg, for client
+    # certificates in ~/.postgresql) would fail on a permission instead of finding nothing.
+    os.environ["HOME"] = "/nonexistent"
     log.info("serving process %d runs as uid %d, without capabilities", os.getpid(), uid)
     return Dropped(config, uid, (*locks, *held, *path_fds))
 

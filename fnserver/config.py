@@ -147,6 +147,10 @@ class ServerConfig:
     #: (None: ``host``).
     metrics_port: int | None = None
     metrics_host: str | None = None
+    #: Keep functions, versions, aliases, artifacts, async calls and invocation records in
+    #: this PostgreSQL database (``postgresql://USER@HOST:PORT/DB``), shared with every node that
+    #: names it; None: the data directory (the embedded default). docs/SCALING.md.
+    registry: str | None = None
     #: Serve the HTTP gateway (docs/HTTP.md) on this port (None: off), on ``http_host``
     #: (None: ``host``); under the supervisor, on the socket it passes (``http_fd``).
     http_port: int | None = None

@@ -55,6 +55,8 @@ LISTENER_NAME: Final = "fnserver-registry-listener"
 #: The advisory lock key every registry write takes: "fnsv" and "regw" in ASCII.
 _WRITE_LOCK: Final = 0x666E7376_72656777
 CHUNK: Final = 1024 * 1024
+#: How long a serving process waits for its node's writer to fetch an artifact.
+READER_WAIT_S: Final = 30.0
 
 #: Schema migrations (``fnserver/_pgschema.py``), component ``registry``. Never edit one that
 #: shipped: add the next.
@@ -94,8 +96,12 @@ async def connect_pool(dsn: str) -> asyncpg.Pool:
 class PostgresMetadataStore:
     """Function records in PostgreSQL (see the module docstring)."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, read_only: bool = False) -> None:
         self.dsn = dsn
+        #: A reader only (a serving process): it applies no migration.
+        self.read_only = read_only
+        #: Set by each notified write (another node's or this one's).
+        self.changed = asyncio.Event()
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._notified: int | None = None
@@ -114,8 +120,9 @@ class PostgresMetadataStore:
             return
         self._closing = False
         self._pool = await connect_pool(self.dsn)
-        async with self._pool.acquire() as conn:
-            await _pgschema.migrate(conn, "registry", MIGRATIONS)
+        if not self.read_only:
+            async with self._pool.acquire() as conn:
+                await _pgschema.migrate(conn, "registry", MIGRATIONS)
         await self._listen()
         self._listen_task = asyncio.ensure_future(self._keep_listening())
 
@@ -171,6 +178,7 @@ class PostgresMetadataStore:
             return
         if self._notified is not None and generation > self._notified:
             self._notified = generation
+            self.changed.set()
 
     def peek(self) -> int | None:
         """The newest generation a write notified, while the listener is up; no I/O."""
@@ -334,9 +342,18 @@ class PostgresArtifactStore(DigestArtifactStore):
     Shares the metadata store's pool: the registry opens the metadata store first.
     """
 
-    def __init__(self, metadata: PostgresMetadataStore, root: Path, staging: Path) -> None:
+    def __init__(self, metadata: PostgresMetadataStore, root: Path, staging: Path, *,
+                 read_only: bool = False) -> None:
         super().__init__(root, staging)
         self.metadata = metadata
+        #: A reader of the node's cache that cannot write it (a serving process): it waits
+        #: for the node's writer to fetch what it needs.
+        self.read_only = read_only
+
+    async def open(self) -> None:
+        """Create the cache and staging directories (a reader finds them made)."""
+        if not self.read_only:
+            await super().open()
 
     async def put(self, digest: str, source: Path) -> None:
         """Into the local cache (checked against the digest), then into the database in
@@ -364,10 +381,24 @@ class PostgresArtifactStore(DigestArtifactStore):
             target = self.path(digest)
             if await asyncio.to_thread(target.exists):
                 continue
+            if self.read_only:
+                await self._wait_for(target)
+                continue
             try:
                 await self._fetch(digest, target)
             except (OSError, asyncpg.PostgresError, ValueError) as exc:
                 log.warning("registry: could not fetch artifact %s: %s", digest, exc)
+
+    async def _wait_for(self, target: Path) -> None:
+        """A reader's fetch: the node's writer follows the same notifications and fetches
+        the file; wait for it, up to ``READER_WAIT_S`` (then the version shows, and an
+        invoke of it says its artifact is missing)."""
+        deadline = asyncio.get_running_loop().time() + READER_WAIT_S
+        while not await asyncio.to_thread(target.exists):
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("registry: artifact %s did not reach this node's cache", target.name)
+                return
+            await asyncio.sleep(0.02)  # polling a file another process writes
 
     async def _fetch(self, digest: str, target: Path) -> None:
         await asyncio.to_thread(target.parent.mkdir, exist_ok=True)

@@ -124,6 +124,10 @@ class Registry:
         self._refresh_done = 0
         # Staging directories whose removal failed, retried by the next staging call.
         self._leftovers: set[Path] = set()
+        #: Refresh as soon as the metadata store says another writer changed something (a
+        #: store with a ``changed`` event: PostgreSQL's notifications).
+        self._follow = False
+        self._follower: asyncio.Task[None] | None = None
 
     @classmethod
     def local(cls, data_dir: Path, *, read_only: bool = False, **defaults: int) -> Registry:
@@ -143,14 +147,21 @@ class Registry:
         )
 
     @classmethod
-    def postgres(cls, dsn: str, root: Path, **defaults: int) -> Registry:
+    def postgres(cls, dsn: str, root: Path, *, read_only: bool = False, **defaults: int) -> Registry:
         """Metadata and artifacts in the PostgreSQL database at ``dsn``, shared by every node;
-        this node's artifact cache under ``root/artifacts`` (``fnserver/registry/_postgres.py``)."""
+        this node's artifact cache under ``root/artifacts`` (``fnserver/registry/_postgres.py``).
+
+        A writer (the control process) also follows the other nodes' writes as they are
+        notified, fetching their artifacts into the node's cache; ``read_only`` (a serving
+        process, which cannot write the cache) waits for those files instead."""
         from ._postgres import PostgresArtifactStore, PostgresMetadataStore
 
         root = Path(root)
-        metadata = PostgresMetadataStore(dsn)
-        return cls(metadata, PostgresArtifactStore(metadata, root / "artifacts", root / "staging"), **defaults)
+        metadata = PostgresMetadataStore(dsn, read_only=read_only)
+        artifacts = PostgresArtifactStore(metadata, root / "artifacts", root / "staging", read_only=read_only)
+        registry = cls(metadata, artifacts, **defaults)
+        registry._follow = not read_only
+        return registry
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -162,10 +173,28 @@ class Registry:
                 await self.artifacts.open()
         async with self._sync, self._storage("load the registry"):
             await self._reload_all()
+        changed = getattr(self.metadata, "changed", None)
+        if self._follow and isinstance(changed, asyncio.Event) and self._follower is None:
+            self._follower = asyncio.ensure_future(self._follow_changes(changed))
         log.info("registry open: %d functions", len(self._index))
+
+    async def _follow_changes(self, changed: asyncio.Event) -> None:
+        """Refresh after each notified change, so this node's cache holds a version's
+        artifacts before anyone here asks for it."""
+        while True:
+            await changed.wait()
+            changed.clear()
+            try:
+                await self.refresh()
+            except FnError as exc:  # the next notification, or a read's refresh, tries again
+                log.warning("registry: could not follow a change: %s", exc.message)
 
     async def close(self) -> None:
         """Close both stores; idempotent."""
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.wait([self._follower])
+            self._follower = None
         await self.metadata.close()
         if self.artifacts is not self.metadata:
             await self.artifacts.close()

@@ -14,7 +14,7 @@ from .._quotas import LocalUsage, QuotaBook, SharedUsage, UsageTable
 from ..builder import Builder
 from ..config import ServerConfig
 from ..exec import ExecPool
-from ..invocations import SqliteInvocationStore
+from ..invocations import InvocationStore, PostgresInvocationStore, SqliteInvocationStore
 from ..protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -107,7 +107,11 @@ class Services:
             self.dispatcher = Dispatcher(LinkSource(link), self._run_queued, config.async_concurrency, self.recorder)
         else:
             # Hidden like the build caches: not a function directory of the local store.
-            store = SqliteInvocationStore(config.data_dir / ".invocations" / "calls.sqlite3")
+            store: InvocationStore = (
+                PostgresInvocationStore(config.registry)
+                if config.registry is not None
+                else SqliteInvocationStore(config.data_dir / ".invocations" / "calls.sqlite3")
+            )
             local = CallService(config, registry, store, self.gauges)
             self.calls = local
             if config.role == "all":

@@ -55,6 +55,8 @@ LISTENER_NAME: Final = "fnserver-registry-listener"
 #: The advisory lock key every registry write takes: "fnsv" and "regw" in ASCII.
 _WRITE_LOCK: Final = 0x666E7376_72656777
 CHUNK: Final = 1024 * 1024
+#: How long closing waits for the pool's connections before it cuts them.
+CLOSE_TIMEOUT_S: Final = 10.0
 #: How long a serving process waits for its node's writer to fetch an artifact.
 READER_WAIT_S: Final = 30.0
 
@@ -136,7 +138,12 @@ class PostgresMetadataStore:
         await self._unlisten()
         pool, self._pool = self._pool, None
         if pool is not None:
-            await pool.close()
+            try:
+                # close() waits for every connection to come back; one held by a request that
+                # never finishes must not hold the shutdown.
+                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_S)
+            except (TimeoutError, OSError, asyncpg.PostgresError):
+                pool.terminate()
 
     # -- the change feed's push half ------------------------------------------------------
 

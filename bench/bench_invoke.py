@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -422,7 +424,7 @@ def run_loadgen(address: str, server_pid: int, cfg: dict[str, float]) -> dict[st
 class Server:
     """``fnserver`` as a subprocess on port 0 with its own temporary data dir."""
 
-    def __init__(self, workers: int | None, extra: list[str] | None = None) -> None:
+    def __init__(self, workers: int | None, extra: list[str] | None = None, *, new_session: bool = False) -> None:
         self.tmp = tempfile.mkdtemp(prefix="fnserver-bench-")
         self.log = Path(self.tmp) / "server.log"
         argv = [sys.executable, "-m", "fnserver", "--host", "127.0.0.1", "--port", "0",
@@ -431,7 +433,8 @@ class Server:
         if workers is not None:
             argv += ["--workers", str(workers)]
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT)
+            # new_session: its own process group, so kill() takes the whole node at once.
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT, start_new_session=new_session)
         self.address = self._wait_address()
 
     def _wait_address(self) -> str:
@@ -445,6 +448,14 @@ class Server:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"fnserver did not start:\n{self.log.read_text(errors='replace')}")
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group (started with ``new_session``): supervisor,
+        control and serving processes at once, as a machine that dies would."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

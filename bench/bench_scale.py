@@ -27,14 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +39,7 @@ sys.path.insert(0, str(ROOT / "client"))
 from fnclient import AsyncClient  # noqa: E402
 from fnclient.protocol import FnError  # noqa: E402
 
+from bench.bench_invoke import Server  # noqa: E402
 from tests import wasm_fixtures  # noqa: E402
 from tests._postgres import start_cluster  # noqa: E402
 
@@ -52,49 +47,13 @@ SLOTS = 4
 IN_FLIGHT_PER_NODE = 16
 
 
-class Node:
-    """One ``fnserver`` supervisor in a process group of its own (so SIGKILL takes all of it)."""
-
-    def __init__(self, dsn: str, root: Path, index: int) -> None:
-        self.dir = root / f"node{index}"
-        self.dir.mkdir(parents=True)
-        self.log = self.dir / "server.log"
-        argv = [sys.executable, "-m", "fnserver", "--host", "127.0.0.1", "--port", "0",
-                "--data-dir", str(self.dir / "data"), "--no-warm", "--processes", "1",
-                "--slots", str(SLOTS), "--slots-per-function", str(SLOTS), "--max-queue", "4096",
-                "--max-timeout-ms", "1000", "--log-level", "info", "--registry", dsn]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
-        self.address = self._wait_address()
-
-    def _wait_address(self) -> str:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            m = re.search(r"listening on (\S+)", self.log.read_text(errors="replace"))
-            if m:
-                return m.group(1)
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"a node did not start:\n{self.log.read_text(errors='replace')}")
-
-    def kill(self) -> None:
-        """SIGKILL the whole node (supervisor, control and serving processes)."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill()
+def start_node(dsn: str) -> Server:
+    """One node: an ``fnserver`` supervisor in a process group of its own (``Server.kill``
+    takes all of it), on the shared database."""
+    return Server(None, new_session=True, extra=[
+        "--processes", "1", "--slots", str(SLOTS), "--slots-per-function", str(SLOTS),
+        "--max-queue", "4096", "--max-timeout-ms", "1000", "--registry", dsn,
+    ])
 
 
 async def _throughput(addresses: list[str], seconds: float) -> float:
@@ -141,7 +100,7 @@ async def _propagation(addresses: list[str], rounds: int) -> list[float]:
     return out
 
 
-async def _storm(nodes: list[Node], calls: int) -> dict[str, int]:
+async def _storm(nodes: list[Server], calls: int) -> dict[str, int]:
     """Submit ``calls`` async calls across the nodes, kill the first node half way, then wait
     for every acknowledged call's result on the survivors."""
     addresses = [n.address for n in nodes]
@@ -183,13 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     seconds, rounds, calls = (4.0, 10, 200) if a.quick else (10.0, 30, 600)
     cluster = start_cluster()
-    root = Path(tempfile.mkdtemp(prefix="fnserver-scale-"))
-    nodes: list[Node] = []
+    nodes: list[Server] = []
     results: dict[str, object] = {}
     try:
         dsn = cluster.create_database()
         for n in range(1, 4):
-            nodes.append(Node(dsn, root, n))
+            nodes.append(start_node(dsn))
             addresses = [node.address for node in nodes]
             if n == 1:
                 asyncio.run(_register(addresses[0]))
@@ -205,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         for node in nodes:
             node.stop()
         cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
     one = float(results["calls_per_s_1_nodes"])  # type: ignore[arg-type]
     ratios = {f"scaling_{n}_nodes_vs_linear": float(results[f"calls_per_s_{n}_nodes"]) / (n * one) for n in (2, 3)}  # type: ignore[arg-type]
     out = {"results": results, "ratios": ratios,

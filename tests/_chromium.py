@@ -11,27 +11,12 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import subprocess
 from pathlib import Path
+
+from ._apt import apt_get
 
 CHROMIUM = Path("/usr/bin/chromium")
 _LOCK = Path("/tmp/fnserver-chromium.lock")
-#: apt may have to fetch a few hundred MB on a slow mirror.
-_APT_TIMEOUT_S = 1800
-
-
-def _apt_get(*args: str) -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        done = subprocess.run(
-            ["apt-get", *args], env=env, stdin=subprocess.DEVNULL, capture_output=True,
-            text=True, timeout=_APT_TIMEOUT_S, check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"apt-get {' '.join(args)} took more than {_APT_TIMEOUT_S} s") from exc
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip()[-2000:]
-        raise RuntimeError(f"apt-get {' '.join(args)} failed with exit code {done.returncode}:\n{tail}")
 
 
 def chromium_path() -> str:
@@ -52,8 +37,8 @@ def chromium_path() -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not os.access(CHROMIUM, os.X_OK):  # another run may have installed it meanwhile
-                _apt_get("update")
-                _apt_get("install", "-y", "chromium")
+                apt_get("update")
+                apt_get("install", "-y", "chromium")
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     if not os.access(CHROMIUM, os.X_OK):

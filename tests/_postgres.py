@@ -42,6 +42,8 @@ from pathlib import Path
 
 import pytest
 
+from ._apt import apt_get
+
 __all__ = [
     "PostgresCluster",
     "find_bin_dir",
@@ -57,8 +59,6 @@ NEEDED = ("initdb", "postgres", "psql", "pg_isready")
 #: The unprivileged user the server runs as when the tests run as root (Debian creates it).
 SERVER_USER = "postgres"
 _LOCK = Path("/tmp/fnserver-postgresql.lock")
-#: apt may have to fetch tens of MB on a slow mirror.
-_APT_TIMEOUT_S = 1800
 #: initdb and a first start write a few tens of MB: slow on a machine busy with a CI run.
 _INITDB_TIMEOUT_S = 180
 _START_TIMEOUT_S = 120
@@ -73,22 +73,6 @@ def _tail(text: str | bytes | None, limit: int = 2000) -> str:
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
     return (text or "").strip()[-limit:]
-
-
-def _apt_get(*args: str) -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        done = subprocess.run(
-            ["apt-get", *args], env=env, stdin=subprocess.DEVNULL, capture_output=True,
-            text=True, timeout=_APT_TIMEOUT_S, check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"apt-get {' '.join(args)} took more than {_APT_TIMEOUT_S} s") from exc
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"apt-get {' '.join(args)} failed with exit code {done.returncode}:\n"
-            f"{_tail(done.stderr or done.stdout)}"
-        )
 
 
 def _version_key(directory: Path) -> tuple[int, ...]:
@@ -138,8 +122,8 @@ def postgres_bin_dir() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if find_bin_dir() is None:  # another run may have installed it meanwhile
-                _apt_get("update")
-                _apt_get("install", "-y", "postgresql")
+                apt_get("update")
+                apt_get("install", "-y", "postgresql")
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     found = find_bin_dir()

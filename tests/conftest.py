@@ -21,7 +21,11 @@ from fnserver.config import ServerConfig
 from fnserver.server import FnServer
 
 # tests/_postgres.py: the postgres_cluster (session) and postgres_dsn (per test) fixtures.
-pytest_plugins = ["pytester", "tests._postgres"]
+pytest_plugins = ["pytester"]
+if __package__:
+    # Loaded as tests.conftest: the temporary PostgreSQL cluster's fixtures, one cluster per
+    # session. (A copy of this file that test_harness.py runs on its own has no package.)
+    pytest_plugins.append(f"{__package__}._postgres")
 
 #: What any test's event loop reported to its exception handler ("Task exception was never
 #: retrieved", a failing callback...): each is a test failure, not a line in the log.

@@ -60,13 +60,16 @@ class FnServer:
             )
         self.config = config
         serving = config.role == "serving"
-        defaults = {"default_timeout_ms": config.default_timeout_ms, "default_memory_mb": config.default_memory_mb}
+        limits = {"default_timeout_ms": config.default_timeout_ms, "default_memory_mb": config.default_memory_mb}
         if config.registry is not None:
             # Shared by every node; this node's artifact cache in its data directory, filled
             # by the process that writes it (a serving process waits for it: it cannot write).
-            self.registry = Registry.postgres(config.registry, config.data_dir / ".node", read_only=serving, **defaults)
+            self.registry = Registry.postgres(
+                config.registry, config.data_dir / ".node", read_only=serving,
+                default_timeout_ms=config.default_timeout_ms, default_memory_mb=config.default_memory_mb,
+            )
         else:
-            self.registry = Registry.local(config.data_dir, read_only=serving, **defaults)
+            self.registry = Registry.local(config.data_dir, read_only=serving, **limits)
         # A serving process hands native calls, compiles and every write to its control
         # process (service/_control.py); the other roles do them here.
         self.link: ControlLink | None = None

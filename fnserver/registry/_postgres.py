@@ -198,6 +198,10 @@ class PostgresMetadataStore:
         """Names whose rows carry a generation above ``since``."""
         async with self._reading("read the change feed") as conn:
             top = int(await conn.fetchval("SELECT coalesce(max(generation), 0) FROM reg_changes"))
+            if self._notified is not None and top > self._notified:
+                # The hint is never behind what was read: a NOTIFY still on its way must not
+                # make a caught-up index look stale.
+                self._notified = top
             if since is None or top < since:
                 return (top, None)
             if top == since:

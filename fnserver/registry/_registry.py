@@ -147,20 +147,22 @@ class Registry:
         )
 
     @classmethod
-    def postgres(cls, dsn: str, root: Path, *, read_only: bool = False, **defaults: int) -> Registry:
+    def postgres(cls, dsn: str, root: Path, *, read_only: bool = False, follow: bool | None = None,
+                 **defaults: int) -> Registry:
         """Metadata and artifacts in the PostgreSQL database at ``dsn``, shared by every node;
         this node's artifact cache under ``root/artifacts`` (``fnserver/registry/_postgres.py``).
 
         A writer (the control process) also follows the other nodes' writes as they are
         notified, fetching their artifacts into the node's cache; ``read_only`` (a serving
-        process, which cannot write the cache) waits for those files instead."""
+        process, which cannot write the cache) waits for those files instead. ``follow``
+        overrides whether it follows (default: a writer does)."""
         from ._postgres import PostgresArtifactStore, PostgresMetadataStore
 
         root = Path(root)
         metadata = PostgresMetadataStore(dsn, read_only=read_only)
         artifacts = PostgresArtifactStore(metadata, root / "artifacts", root / "staging", read_only=read_only)
         registry = cls(metadata, artifacts, **defaults)
-        registry._follow = not read_only
+        registry._follow = (not read_only) if follow is None else follow
         return registry
 
     # -- life cycle ---------------------------------------------------------------------------

@@ -72,8 +72,9 @@ class _Conn(web.RequestHandler):
         self.partial_since: float | None = None
         self.in_request = False
         self.transport_: asyncio.Transport | None = None
-        self._drained_mark = 0
-        self._written_seen = -1
+        #: The reply bytes waiting in the transport at the last sweep, and since when that
+        #: number has not moved (the client has read nothing).
+        self._unread_seen = -1
         self._stalled_since: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -135,8 +136,8 @@ class _Conn(web.RequestHandler):
         if not unread:
             self._stalled_since = None
             return
-        if unread != self._written_seen or self._stalled_since is None:
-            self._written_seen = unread
+        if unread != self._unread_seen or self._stalled_since is None:
+            self._unread_seen = unread
             self._stalled_since = now
         elif now - self._stalled_since > config.write_timeout_s:
             log.warning("dropping an HTTP connection from %s: %d reply bytes unread for %.0f s",

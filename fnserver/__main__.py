@@ -272,6 +272,10 @@ def main(argv: list[str] | None = None) -> None:
         from ._tokencli import token_main
 
         sys.exit(token_main(args[1:]))
+    if args[:1] == ["tenant"]:
+        from ._tokencli import tenant_main
+
+        sys.exit(tenant_main(args[1:]))
     cmd = parse_command(argv)
     config = cmd.config
     # Here, not in parse_command: parsing must not reconfigure an embedding program's logging.

@@ -41,7 +41,7 @@ import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import tomli_w
 
@@ -53,14 +53,23 @@ from .service._context import DEFAULT_TENANT, INTERNAL_ID, ROLES, SHARED_ID, Cal
 __all__ = [
     "AuthBook",
     "AuthData",
+    "AuthEditor",
+    "AuthFeed",
     "AuthFileError",
+    "FileAuthEditor",
     "TokenRecord",
     "add_token",
     "auth_book_for",
+    "data_from_doc",
+    "digest_of",
+    "editor_for",
+    "limits_doc",
     "exposure_problem",
     "load",
+    "merge",
     "new_token",
     "revoke_token",
+    "set_tenant",
     "token_id_of",
 ]
 
@@ -126,7 +135,8 @@ def token_id_of(token: str) -> str | None:
     return None
 
 
-def _digest(token: str) -> str:
+def digest_of(token: str) -> str:
+    """The sha256 the records keep of a token."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -155,6 +165,12 @@ def _parse(raw: bytes) -> AuthData:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise AuthFileError(f"not valid TOML: {exc}") from None
+    return data_from_doc(doc)
+
+
+def data_from_doc(doc: Mapping[str, Any]) -> AuthData:
+    """Check and convert the auth file's document (or the database's rows in its shape);
+    AuthFileError names the first bad entry."""
     tokens: list[TokenRecord] = []
     seen: set[str] = set()
     items = doc.get("tokens", [])
@@ -225,6 +241,11 @@ def load(path: Path) -> AuthData:
     return AuthData() if raw is None else _parse(raw)
 
 
+def limits_doc(limits: TenantLimits) -> dict[str, int | float]:
+    """The quotas ``limits`` sets, by key (those it leaves to the flags are absent)."""
+    return {f.name: getattr(limits, f.name) for f in fields(limits) if getattr(limits, f.name) is not None}
+
+
 def _render(data: AuthData) -> bytes:
     doc: dict[str, Any] = {
         "tokens": [
@@ -240,10 +261,7 @@ def _render(data: AuthData) -> bytes:
         ]
     }
     if data.tenants:
-        doc["tenants"] = {
-            name: {f.name: getattr(lim, f.name) for f in fields(lim) if getattr(lim, f.name) is not None}
-            for name, lim in data.tenants.items()
-        }
+        doc["tenants"] = {name: limits_doc(lim) for name, lim in data.tenants.items()}
     header = (
         b"# fnserver tokens and tenants: edit with 'fnserver token add/list/revoke'.\n"
         b"# Only hashes of tokens are kept here. [tenants.NAME] tables may set a tenant's quotas\n"
@@ -297,7 +315,7 @@ def add_token(path: Path, tenant: str, role: str, description: str = "") -> tupl
         while token_id in ids:  # 48 random bits: a clash is a curiosity, not a plan
             token_id, token = new_token()
         created = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        record = TokenRecord(token_id, tenant, role, _digest(token), description, created)
+        record = TokenRecord(token_id, tenant, role, digest_of(token), description, created)
         _write(path, AuthData((*data.tokens, record), data.tenants))
     return record, token
 
@@ -311,6 +329,83 @@ def revoke_token(path: Path, token_id: str) -> TokenRecord | None:
             return None
         _write(path, AuthData(tuple(t for t in data.tokens if t.id != token_id), data.tenants))
     return gone[0]
+
+
+def set_tenant(path: Path, name: str, limits: TenantLimits | None) -> None:
+    """Give tenant ``name`` these quota overrides in the file (None or none set: remove them)."""
+    check_tenant(name)
+    with _locked(path):
+        data = load(path)
+        tenants = {k: v for k, v in data.tenants.items() if k != name}
+        if limits is not None and limits_doc(limits):
+            tenants[name] = limits
+        _write(path, AuthData(data.tokens, tenants))
+
+
+def merge(path: Path, incoming: AuthData) -> tuple[int, int]:
+    """Add ``incoming``'s tokens whose id is new and tenants not yet in the file; how many."""
+    with _locked(path):
+        data = load(path)
+        ids = {t.id for t in data.tokens}
+        tokens = [t for t in incoming.tokens if t.id not in ids]
+        tenants = {k: v for k, v in incoming.tenants.items() if k not in data.tenants}
+        _write(path, AuthData((*data.tokens, *tokens), {**data.tenants, **tenants}))
+    return len(tokens), len(tenants)
+
+
+class AuthEditor(Protocol):
+    """Where ``fnserver token`` and ``fnserver tenant`` make their edits: the auth file
+    (:class:`FileAuthEditor`) or the registry's database (``_authpg.PostgresAuthEditor``)."""
+
+    #: What to call it in messages.
+    where: str
+
+    def load(self) -> AuthData: ...
+
+    def add_token(self, tenant: str, role: str, description: str = "") -> tuple[TokenRecord, str]: ...
+
+    def revoke_token(self, token_id: str) -> TokenRecord | None: ...
+
+    def set_tenant(self, name: str, limits: TenantLimits | None) -> None: ...
+
+    def merge(self, data: AuthData) -> tuple[int, int]: ...
+
+
+class FileAuthEditor:
+    """:class:`AuthEditor` over one auth file (each edit under its lock, replaced atomically)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where = str(path)
+
+    def load(self) -> AuthData:
+        """The file's contents."""
+        return load(self.path)
+
+    def add_token(self, tenant: str, role: str, description: str = "") -> tuple[TokenRecord, str]:
+        """See :func:`add_token`."""
+        return add_token(self.path, tenant, role, description)
+
+    def revoke_token(self, token_id: str) -> TokenRecord | None:
+        """See :func:`revoke_token`."""
+        return revoke_token(self.path, token_id)
+
+    def set_tenant(self, name: str, limits: TenantLimits | None) -> None:
+        """See :func:`set_tenant`."""
+        set_tenant(self.path, name, limits)
+
+    def merge(self, data: AuthData) -> tuple[int, int]:
+        """See :func:`merge`."""
+        return merge(self.path, data)
+
+
+class AuthFeed(Protocol):
+    """A live copy of the tokens kept elsewhere (``_authpg.PostgresAuthFeed``): ``serial``
+    changes with each new copy; ``broken`` says why no token is accepted, if so."""
+
+    serial: int
+    data: AuthData
+    broken: str | None
 
 
 # -- the server's view --------------------------------------------------------------------------
@@ -346,8 +441,12 @@ class AuthBook:
         open_ok: bool = True,
         on_overrides: Callable[[Mapping[str, TenantLimits]], None] | None = None,
         log_changes: bool = False,
+        feed: AuthFeed | None = None,
     ) -> None:
         self.path = path
+        #: When set, the tokens come from it and ``path`` is not read.
+        self._feed = feed
+        self._serial = 0
         self._shared = shared.encode() if shared else None
         self._internal = internal.encode() if internal else None
         self._accept_tokens = accept_tokens
@@ -376,8 +475,21 @@ class AuthBook:
         """Read the file again if it changed since the last look (one ``stat`` when not).
 
         Called before every request: a revoke or an added first token applies at once. The
-        file is small and capped, so reading it here is cheaper than any hand-off.
+        file is small and capped, so reading it here is cheaper than any hand-off. With a
+        feed, it compares the feed's counter: no I/O at all.
         """
+        if self._feed is not None:
+            if self._loaded and self._feed.serial == self._serial:
+                return
+            self._serial = self._feed.serial
+            if self._feed.broken is not None:
+                if self._serial:  # not yet read is not an error worth logging
+                    self._fail(self._feed.broken)
+                else:
+                    self._by_id, self._broken, self._loaded = {}, self._feed.broken, True
+                return
+            self._apply(self._feed.data)
+            return
         if self.path is None:
             return
         try:
@@ -401,6 +513,9 @@ class AuthBook:
             self._fail(f"cannot be read ({os.strerror(exc.errno or 0)})")
             return
         self._stamp = stamp
+        self._apply(data)
+
+    def _apply(self, data: AuthData) -> None:
         self._loaded = True
         self._broken = None
         old = self._by_id
@@ -419,7 +534,10 @@ class AuthBook:
         # Fail closed: a broken file authenticates nobody until it is fixed (a half-edited
         # file must not keep a token alive that the edit meant to revoke).
         if self._broken != why:
-            log.error("the auth file %s: no token is accepted until it is fixed", why)
+            if self._feed is not None:
+                log.error("%s: no token is accepted until it is fixed", why)
+            else:
+                log.error("the auth file %s: no token is accepted until it is fixed", why)
         self._broken = why
         self._by_id = {}
         self._loaded = True
@@ -446,10 +564,11 @@ class AuthBook:
         record = self._by_id.get(token_id) if token_id is not None else None
         # Compare even when the id is unknown, so the time taken says nothing about the secret.
         want = record.sha256 if record is not None else "0" * 64
-        if hmac.compare_digest(_digest(token), want) and record is not None:
+        if hmac.compare_digest(digest_of(token), want) and record is not None:
             return Caller(token_id=record.id, tenant=record.tenant, role=record.role)
         if self._broken is not None:
-            return Refusal("the server's auth file is unusable; ask its operator", token_id)
+            where = "tokens" if self._feed is not None else "auth file"
+            return Refusal(f"the server's {where} cannot be used; ask its operator", token_id)
         return Refusal("unknown or revoked token", token_id)
 
     def still_valid(self, caller: Caller) -> bool:
@@ -464,8 +583,9 @@ class AuthBook:
         return caller.token_id in self._by_id
 
 
-def auth_book_for(config: ServerConfig, quotas: QuotaBook) -> AuthBook:
-    """The auth book of one server process, by its role.
+def auth_book_for(config: ServerConfig, quotas: QuotaBook, feed: AuthFeed | None = None) -> AuthBook:
+    """The auth book of one server process, by its role (over ``feed`` instead of the auth
+    file when the tokens live in the registry's database).
 
     The control process is reached only by its serving processes, with the supervisor's
     secret; it reads the auth file for the tenants' quota overrides (the quotas it holds:
@@ -479,6 +599,7 @@ def auth_book_for(config: ServerConfig, quotas: QuotaBook) -> AuthBook:
             open_ok=False,
             on_overrides=quotas.set_overrides,
             log_changes=True,
+            feed=feed,
         )
     return AuthBook(
         config.auth_path,
@@ -487,6 +608,7 @@ def auth_book_for(config: ServerConfig, quotas: QuotaBook) -> AuthBook:
         open_ok=config.open_ok,
         on_overrides=quotas.set_overrides,
         log_changes=config.role == "all",
+        feed=feed,
     )
 
 
@@ -494,7 +616,7 @@ def exposure_problem(config: ServerConfig) -> str | None:
     """Why this server must not start as configured (a public address and no token, an auth
     file its serving processes could not read), or None."""
     parent = config.auth_path.absolute().parent
-    if os.geteuid() == 0 and parent.is_dir() and not parent.stat().st_mode & 0o001:
+    if config.registry is None and os.geteuid() == 0 and parent.is_dir() and not parent.stat().st_mode & 0o001:
         # Serving processes give up root and then look the file up in this directory (the
         # directories above it they reach through a descriptor held from before).
         return (
@@ -503,10 +625,13 @@ def exposure_problem(config: ServerConfig) -> str | None:
         )
     if config.open_ok or config.token:
         return None
+    editor = editor_for(config)
     try:
-        data = load(config.auth_path)
+        data = editor.load()
     except AuthFileError as exc:
-        return f"the auth file {config.auth_path}: {exc}"
+        return f"the tokens in {editor.where}: {exc}"
+    except OSError as exc:
+        return f"cannot read the tokens from {editor.where}: {exc.strerror or exc}"
     if data.tokens:
         return None
     exposed = config.host if not is_loopback(config.host) else config.http_address_host
@@ -516,3 +641,13 @@ def exposure_problem(config: ServerConfig) -> str | None:
         f" ('fnserver token add TENANT admin --data-dir {config.data_dir}'), listen on 127.0.0.1,"
         " or pass --insecure if that is really what you want"
     )
+
+
+def editor_for(config: ServerConfig) -> AuthEditor:
+    """Where this server's tokens and tenants are kept: the registry's database, if it has one,
+    else its auth file."""
+    if config.registry is not None:
+        from ._authpg import PostgresAuthEditor
+
+        return PostgresAuthEditor(config.registry)
+    return FileAuthEditor(config.auth_path)

@@ -29,6 +29,7 @@ from .service import ControlLink, Services
 from .transport import TcpFront
 
 if TYPE_CHECKING:
+    from ._authpg import PostgresAuthFeed
     from .gateway import HttpFront
 
 __all__ = ["FnServer"]
@@ -108,9 +109,16 @@ class FnServer:
                 slots=heavy,
             )
         quotas = QuotaBook(config.tenant_limits)
+        # Tokens and tenants: in the registry's database when it has one (every node sees an
+        # edit at once), else in the auth file.
+        self.auth_feed: PostgresAuthFeed | None = None
+        if config.registry is not None:
+            from ._authpg import PostgresAuthFeed
+
+            self.auth_feed = PostgresAuthFeed(config.registry, read_only=serving)
         self.services = Services(
             config, self.registry, self.pool, self.builder, self.link,
-            quotas=quotas, auth=auth_book_for(config, quotas),
+            quotas=quotas, auth=auth_book_for(config, quotas, self.auth_feed),
         )
         if tls is None and config.role != "control":
             # Made here when nobody made it before a privilege drop (role "all": tests,
@@ -152,6 +160,8 @@ class FnServer:
         if self.config.role != "serving":
             await asyncio.to_thread(self.config.data_dir.mkdir, parents=True, exist_ok=True)
         await self.registry.open()
+        if self.auth_feed is not None:
+            await self.auth_feed.open()
         await self.pool.start()
         await self.services.start()
         await self.tcp.start()
@@ -220,6 +230,8 @@ class FnServer:
             self.builder.close()
         if self.link is not None:
             await self.link.close()
+        if self.auth_feed is not None:
+            await self.auth_feed.close()
         await self.registry.close()
         self._stopped.set()
         log.info("fnserver stopped")

@@ -100,6 +100,7 @@ def parse_command(argv: list[str] | None = None) -> Command:
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics over HTTP on this port (default: off)")
     p.add_argument("--metrics-host", default=None, help="address of the metrics port (default: --host)")
     p.add_argument("--registry", default=None, help="keep the registry, async calls and records in this PostgreSQL database, shared by every node naming it: postgresql://USER@HOST:PORT/DB (default: the data directory; docs/SCALING.md)")
+    p.add_argument("--registry-reader", default=None, metavar="URL", help="serving processes connect to the registry with this URL instead, as a role that may only read (default: --registry; docs/SCALING.md \"A role that only reads\")")
     p.add_argument("--http-port", type=int, default=None, help="serve the HTTP gateway (REST API, dashboard, /healthz, /metrics) on this port (default: off; docs/HTTP.md)")
     p.add_argument("--http-host", default=None, help="address of the HTTP gateway (default: --host)")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"], help="info logs one access line per request (default info)")
@@ -145,6 +146,11 @@ def parse_command(argv: list[str] | None = None) -> Command:
         p.error("--metrics-port must be a port number from 0 to 65535")
     if a.registry is not None and not a.registry.startswith(("postgresql://", "postgres://")):
         p.error("--registry must be a PostgreSQL URL: postgresql://USER@HOST:PORT/DB")
+    if a.registry_reader is not None:
+        if a.registry is None:
+            p.error("--registry-reader needs --registry: it is how serving processes reach that database")
+        if not a.registry_reader.startswith(("postgresql://", "postgres://")):
+            p.error("--registry-reader must be a PostgreSQL URL: postgresql://USER@HOST:PORT/DB")
     if a.http_port is not None and not 0 <= a.http_port <= 65535:
         p.error("--http-port must be a port number from 0 to 65535")
     if a.print_config:
@@ -216,6 +222,7 @@ def parse_command(argv: list[str] | None = None) -> Command:
         metrics_host=a.metrics_host,
         http_port=a.http_port,
         registry=a.registry,
+        registry_reader=a.registry_reader,
         http_host=a.http_host,
         http_fd=a.http_fd,
         log_level=a.log_level,

@@ -151,6 +151,9 @@ class ServerConfig:
     #: this PostgreSQL database (``postgresql://USER@HOST:PORT/DB``), shared with every node that
     #: names it; None: the data directory (the embedded default). docs/SCALING.md.
     registry: str | None = None
+    #: What serving processes connect to the registry with instead of ``registry``: a role
+    #: that may only read (they never write it). None: ``registry``.
+    registry_reader: str | None = None
     #: Serve the HTTP gateway (docs/HTTP.md) on this port (None: off), on ``http_host``
     #: (None: ``host``); under the supervisor, on the socket it passes (``http_fd``).
     http_port: int | None = None
@@ -171,6 +174,13 @@ class ServerConfig:
     def auth_path(self) -> Path:
         """The auth file: ``--auth-file``, or ``auth.toml`` in the data directory."""
         return self.auth_file if self.auth_file is not None else self.data_dir / "auth.toml"
+
+    @property
+    def registry_url(self) -> str | None:
+        """The database URL this process connects with: the reader's in a serving process."""
+        if self.role == "serving" and self.registry_reader is not None:
+            return self.registry_reader
+        return self.registry
 
     @property
     def open_ok(self) -> bool:

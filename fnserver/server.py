@@ -66,7 +66,7 @@ class FnServer:
             # Shared by every node; this node's artifact cache in its data directory, filled
             # by the process that writes it (a serving process waits for it: it cannot write).
             self.registry = Registry.postgres(
-                config.registry, config.data_dir / ".node", read_only=serving,
+                config.registry_url or config.registry, config.data_dir / ".node", read_only=serving,
                 default_timeout_ms=config.default_timeout_ms, default_memory_mb=config.default_memory_mb,
             )
         else:
@@ -115,7 +115,7 @@ class FnServer:
         if config.registry is not None:
             from ._authpg import PostgresAuthFeed
 
-            self.auth_feed = PostgresAuthFeed(config.registry, read_only=serving)
+            self.auth_feed = PostgresAuthFeed(config.registry_url or config.registry, read_only=serving)
         self.services = Services(
             config, self.registry, self.pool, self.builder, self.link,
             quotas=quotas, auth=auth_book_for(config, quotas, self.auth_feed),

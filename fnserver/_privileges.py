@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
+from ._lifeline import die_with_parent
 from .config import ServerConfig
 from .exec._sandbox import claim_uids, hold_import_path
 
@@ -53,6 +54,7 @@ def drop_root(config: ServerConfig) -> Dropped:
     """Claim a uid, hold the store's directories open, become that uid (see module docs)."""
     if os.geteuid() != 0:
         return Dropped(config, None, ())
+    parent = os.getppid()
     uids, locks = claim_uids(1)
     uid = uids[0]
     data_fd = os.open(config.data_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -75,6 +77,7 @@ def drop_root(config: ServerConfig) -> Dropped:
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
+    die_with_parent(parent)  # the uid change disarmed what the supervisor armed
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from . import __version__
+from ._lifeline import die_with_parent
 from ._quotas import COLUMNS as USAGE_COLUMNS
 from ._quotas import SharedUsage
 from .config import ServerConfig
@@ -171,8 +172,11 @@ class Supervisor:
                 passed.append(slot.http_sock.fileno())
         if slot.role != "control" or slot.restarts:
             args.append("--no-warm")  # the control process warms the build cache, once
+        me = os.getpid()
         slot.proc = subprocess.Popen(
-            [sys.executable, "-m", "fnserver", *args], pass_fds=passed
+            # preexec_fn is safe here: the supervisor runs no threads. A child dies with it.
+            [sys.executable, "-m", "fnserver", *args], pass_fds=passed,
+            preexec_fn=lambda: die_with_parent(me),
         )
         os.close(ready_w)
         os.close(secret_r)

@@ -295,3 +295,33 @@ async def test_a_damaged_module_is_recompiled_by_the_control_process_never_run(
         (again,) = (tmp_path / "data").rglob("*.cwasm")
         assert again.read_bytes() == good
         await client.close()
+
+
+async def test_a_supervisor_killed_with_sigkill_takes_its_processes_with_it(tmp_path: Path) -> None:
+    """Nothing can catch SIGKILL, so the children cannot be told: the kernel kills them
+    (PR_SET_PDEATHSIG, armed again after a serving process changed its uid). A node killed
+    this way must not leave serving processes answering with nobody to restart them."""
+    async with supervisor(tmp_path, 2) as srv:
+        clients = await clients_on(srv.address, 2)
+        children = serving_pids(srv.proc.pid) | {control_pid(srv.proc.pid)}
+        assert set(clients) <= children and len(children) == 3
+        watches = {pid: os.pidfd_open(pid) for pid in children}
+        try:
+            os.kill(srv.proc.pid, signal.SIGKILL)
+            assert await srv.proc.wait() == -signal.SIGKILL
+            loop = asyncio.get_running_loop()
+            for fd in watches.values():
+                gone = loop.create_future()
+                loop.add_reader(fd, lambda f=gone: f.done() or f.set_result(None))
+                try:
+                    # A pidfd turns readable when its process exits: the event, no polling.
+                    await asyncio.wait_for(gone, 120)
+                finally:
+                    loop.remove_reader(fd)
+        finally:
+            for fd in watches.values():
+                os.close(fd)
+        for c in clients.values():
+            with pytest.raises((UnavailableError, ConnectionError, OSError)):
+                await c.ping()
+            await c.close()

@@ -15,6 +15,7 @@ import hashlib
 import io
 import logging
 import os
+import resource
 import signal
 import socket
 import struct
@@ -35,7 +36,7 @@ from fnserver.builder._gomod import package_clause, package_name
 from fnserver.config import ServerConfig
 from fnserver.protocol import FrameDecoder, FunctionLimits, encode_request
 from fnserver.registry import NewVersion
-from fnserver.transport._tcp import Connection
+from fnserver.transport._tcp import Connection, HeapTrimmer
 
 from . import wasm_fixtures as wf
 from .conftest import ServerHandle
@@ -390,6 +391,59 @@ async def test_a_client_that_never_reads_is_paused_then_dropped(server_config: S
         raw.close()
     finally:
         await h.stop()
+
+
+def test_the_heap_is_trimmed_once_the_load_fell_by_half_and_enough() -> None:
+    t = HeapTrimmer()
+    t._trim = lambda _pad: 0  # glibc's own is exercised by the server test below
+    mib = 1024 * 1024
+    assert not t.due(0, 0)
+    assert not t.due(0, 40 * mib)  # a peak
+    assert not t.due(0, 30 * mib)  # fell, but not by half
+    assert not t.due(0, 21 * mib)  # by half nearly, and 19 MiB: still over half
+    assert t.due(0, 20 * mib)  # half, and more than 16 MiB below the peak
+    assert not t.due(0, 0)  # while it runs, never twice
+    t.trim()
+    assert t.trims == 1
+    assert not t.due(0, 10 * mib)  # the peak started again at 20: a fall of 10 is too small
+    assert not t.due(600, 0)  # a peak of connections
+    assert t.due(0, 0)  # they all left
+    t.trim()
+    small = HeapTrimmer()
+    small._trim = lambda _pad: 0
+    assert not small.due(0, 12 * mib) and not small.due(0, 0)  # a fall under 16 MiB: never
+
+
+async def test_the_server_trims_its_heap_after_a_crowd_leaves(server_config: ServerConfig) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2000:  # both ends of 700 connections live in this process
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    h = ServerHandle(replace(server_config, max_connections=2048, max_connections_per_peer=2048))
+    await h.start()
+    try:
+        trimmer = front_of(h)._trimmer
+        before = trimmer.trims
+        crowd = [await Raw.open(h.address) for _ in range(700)]
+        await _until_true(lambda: len(front_of(h).connections()) >= 700)
+        # The sweep must see the crowd at its peak before it leaves.
+        await _until_true(lambda: trimmer._peak >= 700 * HeapTrimmer.PER_CONNECTION)
+        for raw in crowd:
+            raw.close()
+        await _until_true(lambda: trimmer.trims > before)
+        async with AsyncClient(h.address) as c:
+            await c.ping()
+    finally:
+        await h.stop()
+
+
+async def _until_true(check: Any) -> None:
+    """Wait for an event the server shows only by its state; bounded to turn a hang into a
+    failure."""
+    for _ in range(6000):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("never happened")
 
 
 async def test_replies_past_the_connection_cap_become_resource_exhausted(

@@ -133,6 +133,8 @@ class TcpFront:
         self._backlogged: set[Connection] = set()
         self._watcher: asyncio.Task[None] | None = None
         self.lag = LagMonitor()
+        self._trimmer = HeapTrimmer()
+        self._trimming: asyncio.Future[None] | None = None
 
     @property
     def port(self) -> int:
@@ -306,6 +308,8 @@ class TcpFront:
             now = time.monotonic()
             for conn in list(self._connections):
                 conn.check_deadlines(now)
+            if self._trimmer.due(len(self._connections) + self.others, self.buffered + self.unread_total()):
+                self._trimming = asyncio.ensure_future(asyncio.to_thread(self._trimmer.trim))
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new work, let requests in flight finish for ``grace_s``, answer the rest
@@ -324,12 +328,65 @@ class TcpFront:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.wait([self._watcher])
+        if self._trimming is not None:
+            await asyncio.wait([self._trimming])  # a thread: it ends by itself, soon
         self.lag.stop()
         for conn in list(self._connections):
             conn.close()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+
+class HeapTrimmer:
+    """Give the heap's free pages back to the system once the clients that grew it left.
+
+    Big blocks are mapped on their own and go back when freed (:func:`big_blocks_from_mmap`),
+    but a thousand connections leave thousands of small buffers and objects spread over the
+    heap and the arenas of the guest threads: freed, yet resident, because glibc returns only
+    the top of a heap by itself (measured with ``bench_soak.py --probe-trim``: tens of MB
+    fall at one ``malloc_trim``). The deadline sweep reports the load it sees (connections,
+    and bytes buffered or unread); when it fell by half and by at least a thousand
+    connections' worth since its peak, one ``malloc_trim(0)`` runs, on a thread (it walks
+    every arena; the loop goes on meanwhile), and the peak starts again from there.
+    """
+
+    #: A fall smaller than this is not worth a trim: what one connection costs, roughly,
+    #: times a few hundred (a busy server's ordinary churn must not trim every second).
+    MIN_FALL_BYTES: Final = 16 * 1024 * 1024
+    #: What an open connection is counted as, in bytes (its objects and buffers).
+    PER_CONNECTION: Final = 32 * 1024
+
+    def __init__(self) -> None:
+        self._peak = 0
+        self._running = False
+        self.trims = 0
+        try:
+            self._trim: Any = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            self._trim = None
+
+    def due(self, connections: int, held_bytes: int) -> bool:
+        """Whether to trim now, given the load the sweep sees."""
+        if self._trim is None or self._running:
+            return False
+        load = connections * self.PER_CONNECTION + held_bytes
+        if load > self._peak:
+            self._peak = load
+            return False
+        if self._peak - load < self.MIN_FALL_BYTES or load > self._peak // 2:
+            return False
+        self._peak = load
+        self._running = True
+        return True
+
+    def trim(self) -> None:
+        """Run ``malloc_trim(0)`` (on a thread: ctypes lets go of the GIL meanwhile)."""
+        try:
+            self._trim(0)
+            self.trims += 1
+        finally:
+            self._running = False
 
 
 def big_blocks_from_mmap() -> None:

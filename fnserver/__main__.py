@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -95,6 +96,7 @@ def parse_command(argv: list[str] | None = None) -> Command:
     # Operations (OPERATIONS.md "Async invocations", "Invocation logs", "Metrics", "Logs").
     p.add_argument("--async-max-queue", type=int, default=d.async_max_queue, help=f"async invocations that may wait, server-wide; past it UNAVAILABLE (default {d.async_max_queue})")
     p.add_argument("--async-concurrency", type=int, default=d.async_concurrency, help=f"async invocations one serving process runs at once (default {d.async_concurrency})")
+    p.add_argument("--async-lease", type=float, default=d.async_lease_s, help=f"seconds a claimed async invocation is leased for, renewed while it runs; a call whose node died runs again elsewhere once its lease runs out (default {d.async_lease_s:g})")
     p.add_argument("--result-ttl", type=float, default=d.result_ttl_s, help=f"seconds an async result is kept after it finished (default {d.result_ttl_s:g})")
     p.add_argument("--max-records", type=int, default=d.max_records, help=f"invocation records kept for 'fn logs', server-wide (default {d.max_records})")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics over HTTP on this port (default: off)")
@@ -140,6 +142,9 @@ def parse_command(argv: list[str] | None = None) -> Command:
     for flag in ("async_max_queue", "async_concurrency", "max_records"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if not 1 <= a.async_lease < math.inf:
+        # Renewed every third of it: below a second, a busy event loop could miss a renewal.
+        p.error("--async-lease must be a number of seconds, at least 1")
     if not a.result_ttl > 0:
         p.error("--result-ttl must be more than 0")
     if a.metrics_port is not None and not 0 <= a.metrics_port <= 65535:
@@ -216,6 +221,7 @@ def parse_command(argv: list[str] | None = None) -> Command:
         usage_column=a.usage_column,
         async_max_queue=a.async_max_queue,
         async_concurrency=a.async_concurrency,
+        async_lease_s=a.async_lease,
         result_ttl_s=a.result_ttl,
         max_records=a.max_records,
         metrics_port=a.metrics_port,

@@ -139,6 +139,9 @@ class ServerConfig:
     async_max_queue: int = 10_000
     #: Async invocations one serving process runs at once.
     async_concurrency: int = 8
+    #: Seconds a claimed async invocation is leased for; the process running it renews the
+    #: lease every third of that, so a call whose node died runs again elsewhere within it.
+    async_lease_s: float = 30.0
     #: Seconds an async invocation's result is kept after it finished.
     result_ttl_s: float = 86_400.0
     #: Invocation records kept (``fn logs``), server-wide; the oldest go first.

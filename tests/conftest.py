@@ -161,22 +161,26 @@ class ServerProcess:
 
 
 async def start_server_process(
-    tmp_path: Path, *extra: str
+    tmp_path: Path, *extra: str, new_session: bool = False
 ) -> tuple[asyncio.subprocess.Process, str]:
     """``python -m fnserver`` on port 0 over ``tmp_path/data`` (the supervisor and its serving
-    processes); returns the process and the address its "listening on" line names."""
-    proc, line = await start_server_process_line(tmp_path, *extra)
+    processes); returns the process and the address its "listening on" line names.
+
+    With ``new_session`` the supervisor leads a process group of its own, which its control
+    and serving processes join: ``os.killpg(proc.pid, SIGKILL)`` then takes the whole node at
+    once, as a machine that dies would."""
+    proc, line = await start_server_process_line(tmp_path, *extra, new_session=new_session)
     return proc, line.split("listening on ")[1].split()[0]
 
 
 async def start_server_process_line(
-    tmp_path: Path, *extra: str
+    tmp_path: Path, *extra: str, new_session: bool = False
 ) -> tuple[asyncio.subprocess.Process, str]:
     """:func:`start_server_process`, returning its whole "listening on" line."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "fnserver", "--port", "0", "--data-dir", str(tmp_path / "data"),
         "--workers", "2", "--no-warm", *extra,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, start_new_session=new_session,
     )
     assert proc.stderr is not None
     while True:

@@ -165,3 +165,15 @@ def test_token_commands_find_the_auth_file_the_server_would(tmp_path: Path) -> N
     assert run.returncode == 0 and json.loads(run.stdout) == []
     listed = _fnserver("token", "list", "--json", "--config", str(conf))
     assert [t["role"] for t in json.loads(listed.stdout)] == ["deployer"]
+
+
+def test_the_async_lease_comes_from_the_file_and_must_be_a_second_or_more(tmp_path: Path) -> None:
+    conf = tmp_path / "fnserver.toml"
+    conf.write_text("async_lease = 5\n")
+    run = _fnserver("--config", str(conf), "--print-config")
+    assert run.returncode == 0, run.stderr
+    assert "async_lease = 5.0" in run.stdout.splitlines()
+    for value in ("0.5", "0", "-3", "nan", "inf"):
+        bad = _fnserver("--async-lease", value, "--print-config")
+        assert bad.returncode == 2
+        assert "--async-lease must be a number of seconds, at least 1" in bad.stderr

@@ -147,6 +147,51 @@ async def test_a_call_whose_lease_ran_out_is_claimed_again(store: InvocationStor
     assert await store.queued() == 0
 
 
+async def test_a_renewed_lease_is_kept_and_one_not_renewed_runs_out(store: InvocationStore) -> None:
+    for n in (1, 2):
+        await store.enqueue(call(n, created=float(n)), max_queued=10)
+    assert await _claim_ids(store, 2, now=100.0, lease_s=10.0) == [call(1).id, call(2).id]
+    # Call 1's lease is renewed before it runs out (now until 118); call 2's is not (until 110).
+    assert await store.renew("node-a", [call(1).id], 10.0, 108.0) == [call(1).id]
+    assert await _claim_ids(store, 5, now=111.0, owner="node-b") == [call(2).id]
+    assert await _claim_ids(store, 5, now=118.0, owner="node-b") == []
+    got = await store.status(call(1).id)
+    assert got is not None and (got.state, got.started, got.attempts) == ("running", 100.0, 1)
+    # Not renewed again: it runs out in its turn.
+    [again] = await store.claim("node-b", 5, 10.0, 118.5)
+    assert (again.id, again.attempts) == (call(1).id, 2)
+    # The first owner holds neither now; the second holds both, named in the order asked.
+    assert await store.renew("node-a", [call(1).id, call(2).id], 10.0, 119.0) == []
+    unknown = "inv_" + "f" * 24
+    assert await store.renew("node-b", [call(2).id, unknown, call(1).id], 10.0, 119.0) == [call(2).id, call(1).id]
+    assert await store.renew("node-b", [], 10.0, 119.0) == []
+    assert await _claim_ids(store, 5, now=128.5, owner="node-c") == []  # renewed until 129
+    assert await _claim_ids(store, 5, now=129.5, owner="node-c") == [call(1).id, call(2).id]
+
+
+async def test_only_the_holder_of_a_call_records_its_outcome(store: InvocationStore) -> None:
+    await store.enqueue(call(1), max_queued=10)
+    assert await _claim_ids(store, 1, now=100.0, lease_s=10.0) == [call(1).id]
+    assert await _claim_ids(store, 1, now=111.0, owner="node-b") == [call(1).id]  # a's ran out
+    late = InvokeResult(b"late", b"", 0, 1, 2)
+    held = InvokeResult(b"held", b"", 0, 1, 2)
+    # node-a's run finishes after losing the call: not recorded, the call still runs on b.
+    assert not await store.complete(call(1).id, 2, late, None, 112.0, owner="node-a")
+    got = await store.status(call(1).id)
+    assert got is not None and (got.state, got.result, got.finished) == ("running", None, None)
+    assert await store.complete(call(1).id, 2, held, None, 113.0, owner="node-b")
+    # Nor after b's outcome: a result a client may have read is not replaced.
+    assert not await store.complete(call(1).id, None, None, CallError("TIMEOUT", "too slow"), 114.0, owner="node-a")
+    # The holder's outcome sent again (a retried request) is the same outcome.
+    assert await store.complete(call(1).id, 2, held, None, 113.0, owner="node-b")
+    done = await store.status(call(1).id)
+    assert done is not None
+    assert (done.state, done.result, done.error, done.finished, done.attempts) == ("done", held, None, 113.0, 2)
+    # A finished call's lease is nobody's to renew.
+    assert await store.renew("node-b", [call(1).id], 10.0, 115.0) == []
+    assert not await store.complete("inv_" + "f" * 24, None, None, CallError("TRAP", "x"), 116.0, owner="node-b")
+
+
 async def test_tenants_take_turns_oldest_first(store: InvocationStore) -> None:
     queued = [call("a1", "a", 1.0), call("a2", "a", 2.0), call("a3", "a", 3.0), call("a4", "a", 4.0),
               call("b1", "b", 5.0), call("b2", "b", 6.0), call("c1", "c", 7.0)]

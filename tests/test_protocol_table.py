@@ -26,6 +26,7 @@ from fnserver.protocol import (
     PingRequest,
     RegisterOptions,
     RegisterRequest,
+    RenewRequest,
     UploadChunk,
     VersionInfo,
 )
@@ -39,6 +40,7 @@ CLIENT_IMPLICIT = {
     # Internal (§5.15): a serving process sends them as typed records through request().
     "report": "request",
     "claim": "request",
+    "renew": "request",
     "complete": "request",
 }
 
@@ -81,6 +83,7 @@ REQUESTS = [
     AliasRequest("echo", "prod", 2),
     InvokeRequest("echo", "prod", b"hi", ("a", "b"), 100, "native"),
     InvokeRequest("echo"),
+    RenewRequest(("inv_" + "0" * 24, "inv_" + "f" * 24)),
 ]
 
 
@@ -106,6 +109,8 @@ def test_requests_round_trip(req: object) -> None:
         (GetRequest, {"name": "e", "limit": 1000}, "limit"),
         (GetRequest, {"name": "e", "log": 1}, "log"),
         (UploadChunk, {"data": "text"}, "data"),
+        (RenewRequest, {"invocations": "inv_"}, "invocations"),
+        (RenewRequest, {"invocations": ["inv_1"]}, "invocation id"),
     ],
 )
 def test_bad_fields_name_the_field(record: type, body: dict[str, object], field: str) -> None:

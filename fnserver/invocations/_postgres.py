@@ -12,7 +12,9 @@ connection pool:
   the second oldest of each...: tenants take turns), then locked with ``FOR UPDATE SKIP
   LOCKED`` and marked running under a lease in the same statement, so two nodes never take the
   same call at once; a call another node is taking at that moment is skipped and the pick is
-  made again without it. A running call whose lease ran out is claimable again (at least once).
+  made again without it. The process running a call renews its lease (``renew``, by owner);
+  a running call whose lease ran out is claimable again (at least once), and the outcome of
+  the run that lost it is then not recorded (``complete`` with the owner).
 - **Results** are rows like any other: whichever node completes a call, any node reads it.
 - **Records** keep the newest ``max_records`` (their ``seq`` comes from one identity sequence
   for all nodes) and **tallies** are added up per version in the transaction that stores the
@@ -243,17 +245,31 @@ class PostgresInvocationStore:
                 passed.extend(ids)
         return claimed
 
+    async def renew(self, owner: str, ids: list[str], lease_s: float, now: float) -> list[str]:
+        """Extend the leases ``owner`` still holds among ``ids`` (see the interface)."""
+        if not ids:
+            return []
+        rows = await self.pool.fetch(
+            "UPDATE async_calls SET lease_until = $1"
+            " WHERE id = ANY($2::text[]) AND owner = $3 AND state = 'running' RETURNING id",
+            float(now) + lease_s, ids, owner,
+        )
+        held = {row[0] for row in rows}
+        return [i for i in ids if i in held]
+
     async def complete(self, call_id: str, version: int | None, result: InvokeResult | None,
-                       error: CallError | None, now: float) -> None:
-        """Record the outcome of a running call."""
-        await self.pool.execute(
+                       error: CallError | None, now: float, owner: str | None = None) -> bool:
+        """Record the outcome of a running call (with ``owner``, only if it still holds it)."""
+        status = await self.pool.execute(
             "UPDATE async_calls SET state = $1, finished = $2, version = COALESCE($3, version),"
-            " result = $4, error = $5, lease_until = NULL WHERE id = $6",
+            " result = $4, error = $5, lease_until = NULL"
+            " WHERE id = $6 AND ($7::text IS NULL OR owner = $7::text)",
             "done" if error is None else "failed", float(now), version,
             _pack(result.to_wire()) if result is not None else None,
             _pack(error.to_wire()) if error is not None else None,
-            call_id,
+            call_id, owner,
         )
+        return _rowcount(status) > 0
 
     async def status(self, call_id: str) -> StoredCall | None:
         """One call as stored."""

@@ -81,6 +81,10 @@ SELECT id FROM (
 """
 
 
+#: Ids per ``renew`` statement (SQLite bounds a statement's parameters).
+_RENEW_SLICE: Final = 500
+
+
 def _pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
@@ -187,22 +191,40 @@ class SqliteInvocationStore:
 
         return await self._run(take)
 
+    async def renew(self, owner: str, ids: list[str], lease_s: float, now: float) -> list[str]:
+        """Extend the leases ``owner`` still holds among ``ids`` (see the interface)."""
+
+        def extend(db: sqlite3.Connection) -> list[str]:
+            held: set[str] = set()
+            # In slices: a statement takes a bounded number of parameters.
+            for start in range(0, len(ids), _RENEW_SLICE):
+                part = ids[start:start + _RENEW_SLICE]
+                held.update(row[0] for row in db.execute(
+                    f"UPDATE calls SET lease_until = ? WHERE owner = ? AND state = 'running'"
+                    f" AND id IN ({', '.join('?' * len(part))}) RETURNING id",
+                    (now + lease_s, owner, *part),
+                ))
+            return [i for i in ids if i in held]
+
+        return await self._run(extend)
+
     async def complete(self, call_id: str, version: int | None, result: InvokeResult | None,
-                       error: CallError | None, now: float) -> None:
-        """Record the outcome of a running call."""
+                       error: CallError | None, now: float, owner: str | None = None) -> bool:
+        """Record the outcome of a running call (with ``owner``, only if it still holds it)."""
         state = "done" if error is None else "failed"
 
-        def finish(db: sqlite3.Connection) -> None:
-            db.execute(
+        def finish(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
                 "UPDATE calls SET state = ?, finished = ?, version = COALESCE(?, version),"
-                " result = ?, error = ?, lease_until = NULL WHERE id = ?",
+                " result = ?, error = ?, lease_until = NULL WHERE id = ? AND (? IS NULL OR owner = ?)",
                 (state, now, version,
                  _pack(result.to_wire()) if result is not None else None,
                  _pack(error.to_wire()) if error is not None else None,
-                 call_id),
+                 call_id, owner, owner),
             )
+            return cur.rowcount > 0
 
-        await self._run(finish)
+        return await self._run(finish)
 
     async def status(self, call_id: str) -> StoredCall | None:
         """One call as stored."""

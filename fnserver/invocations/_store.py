@@ -146,9 +146,21 @@ class InvocationStore(Protocol):
         """Take up to ``limit`` queued calls (and calls whose lease ran out), oldest first with
         tenants taking turns, marking them running under a lease until ``now + lease_s``."""
 
+    async def renew(self, owner: str, ids: list[str], lease_s: float, now: float) -> list[str]:
+        """Extend to ``now + lease_s`` the leases of those of ``ids`` that are still running
+        under ``owner``'s claim; return them (in the order of ``ids``). A call missing from
+        the answer is no longer ``owner``'s: it finished, went back to the queue, or its lease
+        ran out and someone else claimed it."""
+
     async def complete(self, call_id: str, version: int | None, result: InvokeResult | None,
-                       error: CallError | None, now: float) -> None:
-        """Record a claimed call's outcome."""
+                       error: CallError | None, now: float, owner: str | None = None) -> bool:
+        """Record a claimed call's outcome; return whether it was recorded.
+
+        With ``owner``, only while the call is that owner's (its last claim was ``owner``'s):
+        a run whose lease ran out and whose call was claimed again elsewhere is a late
+        finisher, and its outcome must not replace the one of the run that holds the call now
+        (or has finished it). The call still ran at least once; it may have run twice.
+        Without ``owner`` the outcome is recorded whoever holds the call."""
 
     async def status(self, call_id: str) -> StoredCall | None:
         """One call, or None if unknown (or expired)."""

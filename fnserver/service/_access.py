@@ -58,6 +58,7 @@ OP_NEEDS: Final[Mapping[str, str | None]] = MappingProxyType(
         # A serving process and its control process (§5.15): no token of the auth file.
         "report": INTERNAL,
         "claim": INTERNAL,
+        "renew": INTERNAL,
         "complete": INTERNAL,
     }
 )

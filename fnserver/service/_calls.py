@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from ..config import ServerConfig
 from ..invocations import InvocationStore, NewCall, StoredCall
 from ..protocol import (
+    MAX_RENEW,
     Ack,
     CallError,
     CallStatus,
@@ -44,6 +45,8 @@ from ..protocol import (
     LogsReply,
     LogsRequest,
     NotFoundError,
+    RenewReply,
+    RenewRequest,
     ReportRequest,
     ResultRequest,
     ServerStats,
@@ -83,6 +86,9 @@ MAX_PENDING_RECORDS: Final = 20_000
 STDERR_TAIL: Final = 1024
 #: A claim waits this long for a queued call before it is asked again.
 CLAIM_WAIT_MS: Final = 10_000
+#: A dispatcher renews the leases of the calls it runs this many times per lease: one lost or
+#: late renewal still leaves the lease alive.
+RENEWALS_PER_LEASE: Final = 3
 #: A serving process's gauges reach the control process at least this often.
 REPORT_EVERY_S: Final = 1.0
 #: Gauges older than this belong to a process that is gone.
@@ -173,6 +179,10 @@ class CallService:
         self._reports: dict[int, tuple[float, ServerStats]] = {}
         self._expiry: asyncio.Task[None] | None = None
         self._async_queued = 0
+        #: Tells this store owner's claimers from every other's: an owner is written to a store
+        #: that other nodes may share, where a peer address or a pid of this node may well be
+        #: one of another node's too (containers all have a pid 1).
+        self._instance = secrets.token_hex(6)
 
     async def start(self) -> None:
         """Open the store and start forgetting expired results."""
@@ -236,10 +246,17 @@ class CallService:
 
     # -- §5.15: the serving processes' side of the queue ----------------------------------------
 
+    def _claimer(self, ctx: RequestContext) -> str:
+        """The owner a claim, a renewal and an outcome are made under: this process and the
+        asker's connection (a serving process's link, or an embedded server's own process).
+        They must agree: a renewal or an outcome from another owner is not the claim's."""
+        return f"{self._instance} {ctx.peer or ctx.request_id}"
+
     async def claim(self, ctx: RequestContext, req: ClaimRequest) -> ClaimReply:
-        """Queued calls for the asker to run, waiting up to ``wait_ms`` for one."""
-        owner = ctx.peer or ctx.request_id
-        lease_s = self.config.max_timeout_ms / 1000 + 60
+        """Queued calls for the asker to run, waiting up to ``wait_ms`` for one. Each is
+        leased for ``--async-lease`` seconds, which the asker renews while it runs the call."""
+        owner = self._claimer(ctx)
+        lease_s = self.config.async_lease_s
         deadline = time.monotonic() + req.wait_ms / 1000
         while True:
             calls = await self.store.claim(owner, req.max, lease_s, time.time())
@@ -250,11 +267,23 @@ class CallService:
             # Woken by a new call; leases that ran out are found by asking again each second.
             await self._queued.wait(min(left, 1.0))
 
+    async def renew(self, ctx: RequestContext, req: RenewRequest) -> RenewReply:
+        """Extend the leases of the calls the asker still holds; the reply names them."""
+        held = await self.store.renew(self._claimer(ctx), list(req.ids), self.config.async_lease_s, time.time())
+        return RenewReply(tuple(held))
+
     async def complete(self, ctx: RequestContext, req: CompleteRequest) -> Ack:
-        """A claimed call's outcome."""
+        """A claimed call's outcome, recorded only while the asker still holds the call."""
         version = req.result.version if req.result is not None else None
-        await self.store.complete(req.id, version, req.result, req.error, time.time())
-        self._finished.fire()
+        if await self.store.complete(req.id, version, req.result, req.error, time.time(), self._claimer(ctx)):
+            self._finished.fire()
+        else:
+            # At least once, honestly: this run lost its lease (a partition, a stalled process,
+            # a control process restarted since the claim) and the call was claimed again or
+            # put back in the queue. The run that holds it now records its outcome; this one
+            # must not replace an outcome a client may already have read.
+            log.warning("async call %s: an outcome came from a run that no longer holds the call;"
+                        " not recorded (the call runs, or ran, again)", req.id)
         return Ack()
 
     async def report(self, ctx: RequestContext, req: ReportRequest) -> Ack:
@@ -475,9 +504,11 @@ def make_record(call_id: str, tenant: str, key: str, version: int, mode: str, ru
 
 
 class CallSource(Protocol):
-    """Where a dispatcher gets queued calls and leaves their outcomes."""
+    """Where a dispatcher gets queued calls, renews their leases and leaves their outcomes."""
 
     async def claim(self, limit: int, wait_ms: int) -> list[ClaimedCall]: ...
+
+    async def renew(self, ids: list[str]) -> list[str]: ...
 
     async def complete(self, req: CompleteRequest) -> None: ...
 
@@ -492,6 +523,10 @@ class LocalSource:
     async def claim(self, limit: int, wait_ms: int) -> list[ClaimedCall]:
         """Claim directly."""
         return list((await self.calls.claim(self._ctx, ClaimRequest(limit, wait_ms))).calls)
+
+    async def renew(self, ids: list[str]) -> list[str]:
+        """Renew directly."""
+        return list((await self.calls.renew(self._ctx, RenewRequest(tuple(ids)))).held)
 
     async def complete(self, req: CompleteRequest) -> None:
         """Complete directly."""
@@ -508,6 +543,10 @@ class LinkSource:
         """A long poll on the link."""
         return list(ClaimReply.from_wire(await self.link.call(ClaimRequest(limit, wait_ms))).calls)
 
+    async def renew(self, ids: list[str]) -> list[str]:
+        """Relayed, on the link that claimed them (the owner is the link's connection)."""
+        return list(RenewReply.from_wire(await self.link.call(RenewRequest(tuple(ids)))).held)
+
     async def complete(self, req: CompleteRequest) -> None:
         """Relayed."""
         await self.link.call(req)
@@ -517,27 +556,43 @@ RunCall = Callable[[RequestContext, InvokeRequest, str, float], Awaitable[Invoke
 
 
 class Dispatcher:
-    """Claims queued async calls and runs up to ``concurrency`` of them at once."""
+    """Claims queued async calls, runs up to ``concurrency`` of them at once and renews their
+    leases (``lease_s``) while they run.
+
+    The leases are renewed here, by the process running the calls, and not by the store's
+    owner on its behalf: only this process knows that a call still runs. A control process
+    renewing what it handed out would keep alive, for good, the calls of a serving process
+    that died alone (the supervisor replaces it, the control process lives on), and they
+    would never run again. So a call runs again elsewhere once its lease runs out, whichever
+    process died: this one, or the whole node.
+    """
 
     def __init__(self, source: CallSource, run: RunCall, concurrency: int,
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None, *, lease_s: float = 30.0) -> None:
         self.source = source
         #: Flushed before a result is stored: a call that is ``done`` has its record in ``logs``.
         self.recorder = recorder
         self._run_call = run
         self.concurrency = concurrency
-        self._running: set[asyncio.Task[None]] = set()
+        self.lease_s = lease_s
+        #: Each running call's task and the call's id, the leases to renew.
+        self._running: dict[asyncio.Task[None], str] = {}
+        #: Tasks past their run, storing the outcome: never cancelled for a lost lease (the
+        #: store decides whether the outcome counts).
+        self._finishing: set[asyncio.Task[None]] = set()
         self._freed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Start claiming."""
+        """Start claiming and renewing."""
         self._task = asyncio.ensure_future(self._loop())
+        self._renewer = asyncio.ensure_future(self._renew_forever())
 
     async def close(self) -> None:
         """Stop claiming; calls running now are cancelled (their leases run out and they run
         again, at least once)."""
-        await _cancel(self._task, *self._running)
+        await _cancel(self._task, self._renewer, *self._running)
 
     @property
     def running(self) -> int:
@@ -564,12 +619,44 @@ class Dispatcher:
             for call in calls:
                 task = asyncio.ensure_future(self._one(call))
                 task.set_name(f"async {call.id}")
-                self._running.add(task)
+                self._running[task] = call.id
                 task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
+        self._running.pop(task, None)
+        self._finishing.discard(task)
         self._freed.set()
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / RENEWALS_PER_LEASE)
+            await self.renew()
+
+    async def renew(self) -> None:
+        """Renew the leases of the calls running here, once. A call whose lease was lost (it
+        ran out during a partition or a stall and the call was claimed again, or the control
+        process that claimed it was restarted) is stopped: its outcome would not be recorded."""
+        running = dict(self._running)
+        if not running:
+            return
+        ids = list(dict.fromkeys(running.values()))
+        held: set[str] = set()
+        try:
+            for start in range(0, len(ids), MAX_RENEW):
+                held.update(await self.source.renew(ids[start:start + MAX_RENEW]))
+        except FnError as exc:
+            # The store or the control process is away: the leases may run out meanwhile, and
+            # the calls then run again (at least once); the next renewal says which.
+            log.warning("renewing the leases of %d async calls failed: %s", len(ids), exc)
+            return
+        except Exception:
+            log.exception("renewing the leases of %d async calls failed", len(ids))
+            return
+        for task, call_id in running.items():
+            if call_id not in held and not task.done() and task not in self._finishing:
+                log.warning("async call %s: its lease was lost (the call was claimed again or"
+                            " requeued); this run stops", call_id)
+                task.cancel()
 
     async def _one(self, call: ClaimedCall) -> None:
         # Run as the store's own admin with the registry key: the tenant whose quotas and
@@ -586,6 +673,9 @@ class Dispatcher:
         except Exception as exc:
             log.exception("async call %s failed", call.id)
             outcome = CompleteRequest(call.id, error=CallError("INTERNAL", f"internal error: {type(exc).__name__}"))
+        task = asyncio.current_task()
+        if task is not None:
+            self._finishing.add(task)
         if self.recorder is not None:
             await self.recorder.flush()
         for attempt in range(30):

@@ -32,6 +32,8 @@ from ..protocol import (
     InvokeResult,
     PingReply,
     PingRequest,
+    RenewReply,
+    RenewRequest,
     ReportRequest,
     ServerLimits,
     ServerStats,
@@ -104,7 +106,8 @@ class Services:
                 await link.call(ReportRequest(tuple(records), gauges, os.getpid()))
 
             self.recorder = Recorder(hand_over, self.gauges)
-            self.dispatcher = Dispatcher(LinkSource(link), self._run_queued, config.async_concurrency, self.recorder)
+            self.dispatcher = Dispatcher(LinkSource(link), self._run_queued, config.async_concurrency,
+                                         self.recorder, lease_s=config.async_lease_s)
         else:
             # Hidden like the build caches: not a function directory of the local store.
             store: InvocationStore = (
@@ -121,7 +124,8 @@ class Services:
                         await local.add_records(records)
 
                 self.recorder = Recorder(store_records)
-                self.dispatcher = Dispatcher(LocalSource(local), self._run_queued, config.async_concurrency, self.recorder)
+                self.dispatcher = Dispatcher(LocalSource(local), self._run_queued, config.async_concurrency,
+                                             self.recorder, lease_s=config.async_lease_s)
         self.invocations.recorder = self.recorder
         #: Set by the server: its connections, loop lag and builder, for the gauges.
         self.connection_count: Callable[[], int] = lambda: 0
@@ -183,6 +187,10 @@ class Services:
     async def claim(self, ctx: RequestContext, req: ClaimRequest) -> ClaimReply:
         """§5.15."""
         return await self._owner().claim(ctx, req)
+
+    async def renew(self, ctx: RequestContext, req: RenewRequest) -> RenewReply:
+        """§5.15."""
+        return await self._owner().renew(ctx, req)
 
     async def complete(self, ctx: RequestContext, req: CompleteRequest) -> Ack:
         """§5.15."""

@@ -84,11 +84,12 @@ _HANDLERS: Final[Mapping[str, _Handler]] = {
     "stats": lambda s, ctx, req: s.calls.stats(ctx, req),
     "report": lambda s, ctx, req: s.report(ctx, req),
     "claim": lambda s, ctx, req: s.claim(ctx, req),
+    "renew": lambda s, ctx, req: s.renew(ctx, req),
     "complete": lambda s, ctx, req: s.complete(ctx, req),
 }
 _CONNECTION_OPS: Final = frozenset({"hello", "register", "upload"})
 #: Internal operations (§5.15) are not worth an access line each.
-_QUIET_OPS: Final = frozenset({"report", "claim", "complete"})
+_QUIET_OPS: Final = frozenset({"report", "claim", "renew", "complete"})
 #: Every operation this front answers; a test checks it against the table and the spec.
 DISPATCHED_OPS: Final = frozenset(_HANDLERS) | _CONNECTION_OPS
 if DISPATCHED_OPS != OPS:  # pragma: no cover - caught at import, never as a KeyError on a live socket

@@ -29,6 +29,7 @@ __all__ = [
     "INVOCATION_ID_RE",
     "LATENCY_BUCKETS_MS",
     "MAX_LOGS",
+    "MAX_RENEW",
     "CallError",
     "CallState",
     "CallStatus",
@@ -40,6 +41,8 @@ __all__ = [
     "InvokeAccepted",
     "LogsReply",
     "LogsRequest",
+    "RenewReply",
+    "RenewRequest",
     "ReportRequest",
     "ResultRequest",
     "ServerStats",
@@ -646,6 +649,45 @@ class ClaimReply:
         if not isinstance(calls, list):
             raise ProtocolError("malformed claim reply")
         return cls(tuple(ClaimedCall.from_wire(c) for c in calls))
+
+
+#: The most invocation ids one ``renew`` names (a process runs far fewer async calls at once).
+MAX_RENEW: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class RenewRequest:
+    """§5.15: extend the leases of claimed calls the asker is still running."""
+
+    op: ClassVar[str] = "renew"
+    ids: tuple[str, ...] = ()
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any]) -> RenewRequest:
+        ids = body.get("invocations") or []
+        if not isinstance(ids, list) or len(ids) > MAX_RENEW:
+            raise InvalidArgumentError(f"'invocations' must be a list of at most {MAX_RENEW} ids")
+        return cls(tuple(_check_id(i) for i in ids))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"invocations": list(self.ids)}
+
+
+@dataclass(frozen=True, slots=True)
+class RenewReply:
+    """§5.15: the calls whose leases were extended: those the asker still holds."""
+
+    held: tuple[str, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"held": list(self.held)}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> RenewReply:
+        held = m.get("held") or []
+        if not isinstance(held, list) or not all(isinstance(i, str) for i in held):
+            raise ProtocolError("malformed renew reply")
+        return cls(tuple(held))
 
 
 @dataclass(frozen=True, slots=True)

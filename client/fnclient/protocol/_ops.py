@@ -15,6 +15,7 @@ from ._calls import (
     ClaimRequest,
     CompleteRequest,
     LogsRequest,
+    RenewRequest,
     ReportRequest,
     ResultRequest,
     StatsRequest,
@@ -79,6 +80,7 @@ OPERATIONS: Final[Mapping[str, Operation]] = MappingProxyType(
             Operation("stats", "§5.14", StatsRequest),
             Operation("report", "§5.15", ReportRequest),
             Operation("claim", "§5.15", ClaimRequest),
+            Operation("renew", "§5.15", RenewRequest),
             Operation("complete", "§5.15", CompleteRequest),
         )
     }

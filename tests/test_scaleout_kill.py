@@ -4,7 +4,7 @@ of them killed at once, as a machine that dies would be.
 
 What must hold: every call the dying node acknowledged finishes, with its own output, through
 the other node; the calls the dead node was running run again there once their leases run out
-(``--async-lease 2``: renewed by the process running a call, so a lease is short however long
+(``--async-lease 3``: renewed by the process running a call, so a lease is short however long
 the call); and a call longer than its lease is not taken from the live node that runs it.
 """
 
@@ -30,8 +30,8 @@ CALLS = 40
 #: How long each call sleeps: twice its lease, so a call that finishes in one attempt on the
 #: surviving node shows that its lease was renewed; and long enough that the calls the killed
 #: node claimed are still running when it is killed, right after one is seen running.
-SLEEP_S = 4.0
-LEASE_S = 2
+SLEEP_S = 7.0
+LEASE_S = 3
 #: Bounds every wait, only to turn a hang into a failure (a loaded machine is slow).
 HANG_S = 120.0
 

@@ -424,10 +424,12 @@ def run_loadgen(address: str, server_pid: int, cfg: dict[str, float]) -> dict[st
 class Server:
     """``fnserver`` as a subprocess on port 0 with its own temporary data dir."""
 
-    def __init__(self, workers: int | None, extra: list[str] | None = None, *, new_session: bool = False) -> None:
+    def __init__(self, workers: int | None, extra: list[str] | None = None, *, new_session: bool = False,
+                 prefix: list[str] | None = None, host: str = "127.0.0.1") -> None:
         self.tmp = tempfile.mkdtemp(prefix="fnserver-bench-")
         self.log = Path(self.tmp) / "server.log"
-        argv = [sys.executable, "-m", "fnserver", "--host", "127.0.0.1", "--port", "0",
+        # prefix: run it through another command (``ip netns exec NS``: a network of its own).
+        argv = [*(prefix or []), sys.executable, "-m", "fnserver", "--host", host, "--port", "0",
                 "--data-dir", str(Path(self.tmp) / "data"), "--no-warm", "--log-level", "info",
                 *(extra or [])]
         if workers is not None:

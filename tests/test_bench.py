@@ -79,3 +79,24 @@ def test_http_bench_smoke(tmp_path: Path) -> None:
     for mode in ("binary", "http"):
         assert result["best"][mode]["p50_us"] > 0 and result["best"][mode]["per_s"] > 0
     assert set(result["ratios"]) == {"http_p50_vs_binary", "http_throughput_vs_binary"}
+
+
+def test_scale_bench_quick(tmp_path: Path) -> None:
+    """1, 2 and 3 nodes over a real PostgreSQL (network namespaces where the host allows them),
+    one killed during an async storm: nothing acknowledged may be lost (no timing asserted)."""
+    out = tmp_path / "scale.json"
+    proc = run_bench("bench_scale.py", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    for n in (1, 2, 3):
+        assert result["results"][f"calls_per_s_{n}_nodes"] > 0
+    assert set(result["ratios"]) == {"scaling_2_nodes_vs_linear", "scaling_3_nodes_vs_linear"}
+    prop = result["results"]["propagation_ms"]
+    assert prop["max"] >= prop["p99"] >= prop["p50"] > 0
+    storm = result["results"]["storm"]
+    assert storm["acknowledged"] + storm["refused"] == storm["submitted"] == 200
+    assert storm["acknowledged"] > 0 and storm["lost"] == 0, storm["lost_calls"]
+    assert result["settings"]["network"] in ("a network namespace per node", "loopback")
+    assert b"scaling vs linear" in proc.stdout
+    if shutil.which("ip") is not None:  # the bench removed the namespaces it made
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, check=False, timeout=30).stdout
+        assert b"fnbench-" not in listed

@@ -236,7 +236,7 @@ class PostgresAuthEditor:
 
         try:
             return asyncio.run(main())
-        except asyncpg.PostgresError as exc:
+        except (asyncpg.PostgresError, _pgschema.SchemaTooNewError) as exc:
             raise OSError(str(exc)) from None
 
     def load(self) -> AuthData:

@@ -325,3 +325,41 @@ async def test_a_supervisor_killed_with_sigkill_takes_its_processes_with_it(tmp_
             with pytest.raises((UnavailableError, ConnectionError, OSError)):
                 await c.ping()
             await c.close()
+
+
+async def test_async_calls_of_a_killed_serving_process_run_again_after_its_lease(tmp_path: Path) -> None:
+    """A serving process, not its node, dies mid-call: the control process lives on, but the
+    leases were renewed by the process running the calls, so they run out and the successor
+    runs the calls again (at least once, never lost)."""
+    from .test_scaleout_kill import sleep_then_echo
+
+    proc, address = await start_server_process(tmp_path, "--processes", "1", "--async-lease", "2")
+    srv = Server(proc, address)
+    try:
+        async with AsyncClient(address) as c:
+            await c.register("nap", sleep_then_echo(5.0), filename="nap.wasm", timeout_ms=60_000)
+            inputs = {await c.invoke_async("nap", b"nap %d" % i): b"nap %d" % i for i in range(4)}
+            first = next(iter(inputs))
+            for _ in range(12000):  # bounded only to turn a hang into a failure
+                if (await c.result(first)).state == "running":
+                    break
+                await asyncio.sleep(0.01)
+            running = {i for i in inputs if (await c.result(i)).state == "running"}
+            assert first in running
+            (victim,) = serving_pids(proc.pid)
+            mark = len(srv.log)
+            os.kill(victim, signal.SIGKILL)
+        await wait_for_line(srv, "serving process 0 (pid", mark)  # its successor is up
+        async with AsyncClient(address) as c:
+            for call_id, payload in inputs.items():
+                status = await c.result(call_id, wait=60)
+                for _ in range(4):  # bounded only to turn a hang into a failure
+                    if status.state not in ("queued", "running"):
+                        break
+                    status = await c.result(call_id, wait=60)
+                assert status.state == "done" and status.result is not None, (status.state, status.error)
+                assert status.result.output == payload
+                if call_id in running:
+                    assert status.attempts >= 2, call_id
+    finally:
+        assert await srv.stop() == 0

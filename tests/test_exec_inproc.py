@@ -509,3 +509,36 @@ async def test_fuel_calls_never_run_inline(tmp_path: Path) -> None:
         assert now["inline_overruns"] == 0
         await settled(p)
 
+
+
+def test_distinct_modules_do_not_each_keep_their_slots_memory_resident() -> None:
+    """The pool keeps at most warm_slots() freed slots' memory resident: a crowd of distinct
+    modules, each touching 3 MiB, must not leave 3 MiB each behind (wasmtime's default of
+    100 warm slots left +168 MB after 40 of them)."""
+    import wasmtime
+
+    from fnserver.exec._engine import make_engine, warm_slots
+
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    engine = make_engine(False, slots=64)
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    modules = [
+        wasmtime.Module(engine, wf.wat(f"""(module (memory (export "memory") 64) (func (export "_start")
+          (memory.fill (i32.const 0) (i32.const {i + 1}) (i32.const 3145728))))"""))
+        for i in range(40)
+    ]
+    before = resident()
+    for module in modules:
+        store = wasmtime.Store(engine)
+        store.set_wasi(wasmtime.WasiConfig())
+        store.set_epoch_deadline(1 << 30)
+        linker.instantiate(store, module).exports(store)["_start"](store)  # type: ignore[operator]
+        del store
+    grown = resident() - before
+    assert warm_slots(64) == 8
+    # 8 warm slots x 4 MiB kept resident, and some room for the allocator's own bookkeeping.
+    assert grown < 48 * 1024 * 1024, f"{grown / 1e6:.0f} MB resident after 40 distinct modules"

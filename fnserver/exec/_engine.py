@@ -134,7 +134,7 @@ def warm_slots(slots: int) -> int:
     slots +17 MB, with none +5 MB). An eighth of the slots (8 of the default 64) keeps the hot
     modules warm and bounds what stays resident to about 32 MiB.
     """
-    return max(4, slots // 8)
+    return max(2, slots // 16)
 
 
 def make_engine(fuel: bool = False, *, slots: int = 0) -> wasmtime.Engine:

@@ -63,18 +63,19 @@ def _tenant_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fnserver tenant",
         description="Show and set the quotas of single tenants, over the --tenant-max-* defaults "
-        "(OPERATIONS.md \"Quotas\"). A running server applies a change from its next request.",
+        "(OPERATIONS.md \"Quotas\"). A running server applies a change from its next request; "
+        "with --registry, every node as soon as the database notifies it.",
     )
     common = _common()
     sub = p.add_subparsers(dest="command", required=True, metavar="{set,list}")
     st = sub.add_parser("set", parents=[common], help="set a tenant's quotas (the ones not given keep the defaults)")
     st.add_argument("name", help="the tenant")
-    st.add_argument("--max-functions", type=int, default=None, metavar="N")
-    st.add_argument("--max-versions", type=int, default=None, metavar="N")
-    st.add_argument("--max-storage-mb", type=int, default=None, metavar="N")
-    st.add_argument("--max-concurrency", type=int, default=None, metavar="N")
-    st.add_argument("--max-rps", type=float, default=None, metavar="N")
-    st.add_argument("--max-builds", type=int, default=None, metavar="N")
+    st.add_argument("--max-functions", type=int, default=None, metavar="N", help="functions the tenant may have")
+    st.add_argument("--max-versions", type=int, default=None, metavar="N", help="versions one of its functions may keep")
+    st.add_argument("--max-storage-mb", type=int, default=None, metavar="N", help="MiB of uploads and artifacts it may store")
+    st.add_argument("--max-concurrency", type=int, default=None, metavar="N", help="its invocations running at once, server-wide")
+    st.add_argument("--max-rps", type=float, default=None, metavar="N", help="its invocations per second, server-wide")
+    st.add_argument("--max-builds", type=int, default=None, metavar="N", help="its registers building at once")
     ls = sub.add_parser("list", parents=[common], help="show the tenants that have quotas of their own")
     ls.add_argument("--json", action="store_true", help='print {"tenant": {"max_...": N}} as JSON')
     return p

@@ -331,13 +331,11 @@ async def test_async_calls_of_a_killed_serving_process_run_again_after_its_lease
     """A serving process, not its node, dies mid-call: the control process lives on, but the
     leases were renewed by the process running the calls, so they run out and the successor
     runs the calls again (at least once, never lost)."""
-    from .test_scaleout_kill import sleep_then_echo
-
     proc, address = await start_server_process(tmp_path, "--processes", "1", "--async-lease", "2")
     srv = Server(proc, address)
     try:
         async with AsyncClient(address) as c:
-            await c.register("nap", sleep_then_echo(5.0), filename="nap.wasm", timeout_ms=60_000)
+            await c.register("nap", wf.sleep_then_echo(5.0), filename="nap.wasm", timeout_ms=60_000)
             inputs = {await c.invoke_async("nap", b"nap %d" % i): b"nap %d" % i for i in range(4)}
             first = next(iter(inputs))
             for _ in range(12000):  # bounded only to turn a hang into a failure

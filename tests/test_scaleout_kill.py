@@ -36,38 +36,6 @@ LEASE_S = 3
 HANG_S = 120.0
 
 
-def sleep_then_echo(seconds: float) -> bytes:
-    """Sleep ``seconds`` in ``poll_oneoff``, then copy stdin to stdout (exit 0): every call
-    answers with its own input, so a result cannot pass for another call's."""
-    ns = int(seconds * 1e9)
-    return wf.wat(f"""(module
-  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll_oneoff (param i32 i32 i32 i32) (result i32)))
-  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
-  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 2)
-  (func (export "_start")
-    (local $n i32)
-    ;; one relative clock subscription at 0; the event at 256, the count at 512
-    (i64.store (i32.const 0) (i64.const 7))
-    (i32.store8 (i32.const 8) (i32.const 0))
-    (i32.store (i32.const 16) (i32.const 1))
-    (i64.store (i32.const 24) (i64.const {ns}))
-    (i64.store (i32.const 32) (i64.const 0))
-    (i32.store16 (i32.const 40) (i32.const 0))
-    (drop (call $poll_oneoff (i32.const 0) (i32.const 256) (i32.const 1) (i32.const 512)))
-    ;; then echo: iovec at 0 (buf 1024, 64 KiB), nread/nwritten at 16
-    (loop $more
-      (i32.store (i32.const 0) (i32.const 1024))
-      (i32.store (i32.const 4) (i32.const 65536))
-      (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 16)))
-      (local.set $n (i32.load (i32.const 16)))
-      (if (i32.gt_u (local.get $n) (i32.const 0))
-        (then
-          (i32.store (i32.const 4) (local.get $n))
-          (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
-          (br $more))))))""")
-
-
 def _process_tree(root: int) -> dict[int, int]:
     """``root`` and its descendants now: pid -> start time (``/proc/PID/stat``), so that a pid
     reused by an unrelated process afterwards is never signalled."""
@@ -122,7 +90,7 @@ async def test_a_killed_nodes_async_calls_run_again_on_another_node(postgres_dsn
     try:
         # -- the storm, through node one, which alone is up: whatever runs, runs there --------
         async with AsyncClient(address_one) as a:
-            await a.register("nap", sleep_then_echo(SLEEP_S), filename="nap.wasm", timeout_ms=60_000)
+            await a.register("nap", wf.sleep_then_echo(SLEEP_S), filename="nap.wasm", timeout_ms=60_000)
             inputs: dict[str, bytes] = {}
             for i in range(CALLS):
                 payload = f"call {i}".encode()

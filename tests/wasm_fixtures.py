@@ -41,10 +41,14 @@ def echo() -> bytes:
     return wat(f"""(module
   {_FD_READ} {_FD_WRITE}
   (memory (export "memory") 2)
-  ;; iovec at 0: buf=1024 len=65536; nread/nwritten at 16
   (func (export "_start")
     (local $n i32)
-    (loop $more
+    {_ECHO_LOOP}))""")
+
+
+#: stdin to stdout, 64 KiB at a time, until EOF: iovec at 0 (buf 1024, len 65536), nread and
+#: nwritten at 16; needs fd_read, fd_write, a local $n and two pages of memory.
+_ECHO_LOOP = """(loop $more
       (i32.store (i32.const 0) (i32.const 1024))
       (i32.store (i32.const 4) (i32.const 65536))
       (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 16)))
@@ -53,7 +57,7 @@ def echo() -> bytes:
         (then
           (i32.store (i32.const 4) (local.get $n))
           (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
-          (br $more))))))""")
+          (br $more))))"""
 
 
 def exit_code(code: int) -> bytes:
@@ -262,10 +266,11 @@ def _sleep_then(seconds: float, then: str) -> bytes:
     return wat(f"""(module
   (import "wasi_snapshot_preview1" "poll_oneoff"
     (func $poll_oneoff (param i32 i32 i32 i32) (result i32)))
-  {_FD_WRITE}
-  (memory (export "memory") 1)
+  {_FD_WRITE} {_FD_READ}
+  (memory (export "memory") 2)
   (data (i32.const 1024) "woke\\n")
   (func (export "_start")
+    (local $n i32)
     (i64.store (i32.const 0) (i64.const 7))
     (i32.store8 (i32.const 8) (i32.const 0))
     (i32.store (i32.const 16) (i32.const 1))
@@ -284,6 +289,12 @@ def sleep_then_write(seconds: float) -> bytes:
     (i32.store (i32.const 68) (i32.const 5))
     (drop (call $fd_write (i32.const 1) (i32.const 64) (i32.const 1) (i32.const 80)))""",
     )
+
+
+def sleep_then_echo(seconds: float) -> bytes:
+    """Sleep ``seconds`` in poll_oneoff, then copy stdin to stdout (exit 0): every call answers
+    with its own input, so one call's result cannot pass for another's."""
+    return _sleep_then(seconds, _ECHO_LOOP)
 
 
 def sleep_then_trap(seconds: float) -> bytes:

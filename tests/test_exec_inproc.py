@@ -542,3 +542,27 @@ def test_distinct_modules_do_not_each_keep_their_slots_memory_resident() -> None
     assert warm_slots(64) == 4
     # 4 warm slots x 4 MiB kept resident, and some room for the allocator's own bookkeeping.
     assert grown < 32 * 1024 * 1024, f"{grown / 1e6:.0f} MB resident after 40 distinct modules"
+
+
+def test_threads_that_first_need_an_engine_at_once_share_one(tmp_path: Path) -> None:
+    """Two fuel modules loading at once on two guest threads each needed the fuel engine
+    first: each made one, and the module loaded into the engine that lost the race was run
+    in the one that won ("cross-Engine usage is not supported", seen once in CI)."""
+    import threading
+
+    from fnserver.exec._inproc import WasmRunner
+
+    runner = WasmRunner(cache_dir=tmp_path, slots=4)
+    start = threading.Barrier(8)
+    got: list[object] = []
+
+    def first_use() -> None:
+        start.wait()
+        got.append(runner._engine(True))
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 8 and len({id(e) for e in got}) == 1

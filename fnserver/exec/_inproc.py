@@ -133,6 +133,7 @@ class WasmRunner:
         )
         self.inline_policy = InlinePolicy()
         self._engines: dict[bool, _Engine] = {}
+        self._engines_lock = threading.Lock()
         self._ready: OrderedDict[str, _Ready] = OrderedDict()
         self._loading: dict[str, asyncio.Future[_Ready]] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -192,8 +193,14 @@ class WasmRunner:
     def _engine(self, fuel: bool) -> _Engine:
         eng = self._engines.get(fuel)
         if eng is None:
-            # The fuel engine keeps the on-demand allocator (slots are for the main one).
-            eng = self._engines[fuel] = _Engine(fuel, 0 if fuel else self.slots)
+            # Under a lock: the first two fuel modules loading at once, on two guest threads,
+            # each made an engine, and the module loaded into the engine that lost was then
+            # run in the one that won ("cross-Engine usage is not supported").
+            with self._engines_lock:
+                eng = self._engines.get(fuel)
+                if eng is None:
+                    # The fuel engine keeps the on-demand allocator (slots are for the main one).
+                    eng = self._engines[fuel] = _Engine(fuel, 0 if fuel else self.slots)
         return eng
 
     def _tick(self) -> None:

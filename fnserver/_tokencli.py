@@ -17,7 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .auth import AuthEditor, AuthFileError, FileAuthEditor, editor_for, limits_doc, load
-from .config import TenantLimits
+from .config import ServerConfig, TenantLimits
 from .service import ROLES
 
 __all__ = ["tenant_main", "token_main"]
@@ -191,7 +191,7 @@ def _editor(data_dir: Path | None, auth_file: Path | None, registry: str | None,
         if not registry.startswith(("postgresql://", "postgres://")):
             print("fnserver: --registry must be a PostgreSQL URL: postgresql://USER@HOST:PORT/DB", file=sys.stderr)
             sys.exit(2)
-        return editor_for_registry(registry)
+        return editor_for(ServerConfig(registry=registry))
     if auth_file is not None:
         return FileAuthEditor(auth_file)
     if data_dir is not None:
@@ -199,9 +199,3 @@ def _editor(data_dir: Path | None, auth_file: Path | None, registry: str | None,
     server = parse_command(["--config", str(config)] if config is not None else []).config
     return editor_for(server)
 
-
-def editor_for_registry(dsn: str) -> AuthEditor:
-    """The editor of a PostgreSQL registry's tokens."""
-    from ._authpg import PostgresAuthEditor
-
-    return PostgresAuthEditor(dsn)

@@ -62,11 +62,12 @@ class FnServer:
         self.config = config
         serving = config.role == "serving"
         limits = {"default_timeout_ms": config.default_timeout_ms, "default_memory_mb": config.default_memory_mb}
-        if config.registry is not None:
+        dsn = config.registry_url  # the reader's URL in a serving process that was given one
+        if dsn is not None:
             # Shared by every node; this node's artifact cache in its data directory, filled
             # by the process that writes it (a serving process waits for it: it cannot write).
             self.registry = Registry.postgres(
-                config.registry_url or config.registry, config.data_dir / ".node", read_only=serving,
+                dsn, config.data_dir / ".node", read_only=serving,
                 default_timeout_ms=config.default_timeout_ms, default_memory_mb=config.default_memory_mb,
             )
         else:
@@ -112,10 +113,10 @@ class FnServer:
         # Tokens and tenants: in the registry's database when it has one (every node sees an
         # edit at once), else in the auth file.
         self.auth_feed: PostgresAuthFeed | None = None
-        if config.registry is not None:
+        if dsn is not None:
             from ._authpg import PostgresAuthFeed
 
-            self.auth_feed = PostgresAuthFeed(config.registry_url or config.registry, read_only=serving)
+            self.auth_feed = PostgresAuthFeed(dsn, read_only=serving)
         self.services = Services(
             config, self.registry, self.pool, self.builder, self.link,
             quotas=quotas, auth=auth_book_for(config, quotas, self.auth_feed),

@@ -27,6 +27,7 @@ from fnserver.config import ServerConfig, TenantLimits
 from fnserver.service import Caller
 from tests import wasm_fixtures as wasm
 from tests.conftest import ServerProcess, start_server_process
+from tests.test_exec import until
 from tests.test_tokens import run_fnserver
 
 #: Bounds a wait for a NOTIFY's effect: a failure after this long, never a pass condition.
@@ -163,12 +164,12 @@ async def test_the_live_copy_fails_closed_and_catches_up(postgres_dsn: str, post
                 f"INSERT INTO auth_tokens (id, tenant, role, sha256) VALUES ('0123456789ab', 'acme', 'root', '{'0' * 64}');"
                 " NOTIFY fnserver_auth"
             )
-            await _until("the feed reads the bad row", _bigger(feed, serial))
+            await until(lambda: feed.serial > serial, "the feed reads the bad row")
             refused = book.authenticate(token)
             assert isinstance(refused, Refusal) and "cannot be used" in refused.message
             assert feed.broken is not None and "'root'" in feed.broken
             await conn.execute("DELETE FROM auth_tokens WHERE id = '0123456789ab'; NOTIFY fnserver_auth")
-            await _until("the feed reads the fix", lambda: _async(feed.broken is None))
+            await until(lambda: feed.broken is None, "the feed reads the fix")
             assert isinstance(book.authenticate(token), Caller)
             # Cut the listening connection, then revoke: the feed reconnects and reads again.
             cut = await conn.fetchval(
@@ -177,25 +178,17 @@ async def test_the_live_copy_fails_closed_and_catches_up(postgres_dsn: str, post
             )
             assert cut == 1
             await asyncio.to_thread(editor.revoke_token, record.id)
-            await _until("the revoke reaches the reconnected feed", lambda: _async(isinstance(book.authenticate(token), Refusal)))
+            await until(lambda: isinstance(book.authenticate(token), Refusal), "the revoke reaches the reconnected feed")
             # Quotas ride along.
             await asyncio.to_thread(editor.set_tenant, "acme", TenantLimits(max_rps=2.5))
-            await _until("the tenant's quotas arrive", lambda: _async("acme" in feed.data.tenants))
+            await until(lambda: "acme" in feed.data.tenants, "the tenant's quotas arrive")
             assert feed.data.tenants["acme"] == TenantLimits(max_rps=2.5)
             await asyncio.to_thread(editor.set_tenant, "acme", None)
-            await _until("the tenant's quotas are removed", lambda: _async(not feed.data.tenants))
+            await until(lambda: not feed.data.tenants, "the tenant's quotas are removed")
         finally:
             await conn.close()
     finally:
         await feed.close()
-
-
-def _bigger(feed: PostgresAuthFeed, serial: int) -> Callable[[], Awaitable[bool]]:
-    return lambda: _async(feed.serial > serial)
-
-
-async def _async(value: bool) -> bool:
-    return value
 
 
 async def test_a_public_node_needs_a_token_in_the_database(postgres_dsn: str, tmp_path: Path) -> None:

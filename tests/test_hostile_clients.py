@@ -40,6 +40,7 @@ from fnserver.transport._tcp import Connection, HeapTrimmer
 
 from . import wasm_fixtures as wf
 from .conftest import ServerHandle
+from .test_exec import until
 
 _OPEN: list[Raw] = []
 
@@ -424,26 +425,16 @@ async def test_the_server_trims_its_heap_after_a_crowd_leaves(server_config: Ser
         trimmer = front_of(h)._trimmer
         before = trimmer.trims
         crowd = [await Raw.open(h.address) for _ in range(700)]
-        await _until_true(lambda: len(front_of(h).connections()) >= 700)
+        await until(lambda: len(front_of(h).connections()) >= 700, "the crowd is connected")
         # The sweep must see the crowd at its peak before it leaves.
-        await _until_true(lambda: trimmer._peak >= 700 * HeapTrimmer.PER_CONNECTION)
+        await until(lambda: trimmer._peak >= 700 * HeapTrimmer.PER_CONNECTION, "the sweep saw the crowd")
         for raw in crowd:
             raw.close()
-        await _until_true(lambda: trimmer.trims > before)
+        await until(lambda: trimmer.trims > before, "a trim after the crowd left")
         async with AsyncClient(h.address) as c:
             await c.ping()
     finally:
         await h.stop()
-
-
-async def _until_true(check: Any) -> None:
-    """Wait for an event the server shows only by its state; bounded to turn a hang into a
-    failure."""
-    for _ in range(6000):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("never happened")
 
 
 async def test_replies_past_the_connection_cap_become_resource_exhausted(

@@ -684,6 +684,22 @@ async def test_an_invoke_may_lower_the_time_limit_never_raise_it(client: AsyncCl
     assert timeout.value.details["timeout_ms"] == 500
 
 
+async def test_a_client_cannot_speak_for_a_serving_process(handle: ServerHandle) -> None:
+    """The async queue's internal operations (§5.15) take the control process's secret, not a
+    client's standing: even the loopback admin cannot claim, renew or complete calls, or
+    report records, which would let it steal, pin or forge other tenants' async calls."""
+    from fnserver.protocol import ClaimRequest, CompleteRequest, RenewRequest, ReportRequest
+
+    raw = await Raw.open(handle.address)
+    call_id = "inv_" + "0" * 24
+    forged = [ClaimRequest(1, 0), RenewRequest((call_id,)), CompleteRequest(call_id), ReportRequest()]
+    for req_id, req in enumerate(forged, 1):
+        raw.send(encode_request(req.op, req_id, **req.to_wire()))
+        reply = await raw.frame()
+        assert reply["id"] == req_id and reply["error"]["code"] == "PERMISSION_DENIED", (req.op, reply)
+    raw.close()
+
+
 @pytest.mark.parametrize("bad", [True, 1.0, "1", None, 2])
 async def test_hello_protocol_must_be_the_integer_one(handle: ServerHandle, bad: object) -> None:
     raw = await Raw.open(handle.address, hello=False)

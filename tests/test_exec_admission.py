@@ -962,3 +962,42 @@ def test_eviction_skips_penalized_records_but_stays_bounded() -> None:
         assert key in p._seen
     p.note("z", SHORT, 20.0)
     assert "z" in p._seen and len(p._seen) == 3
+
+
+def test_one_small_outlier_among_many_short_calls_is_forgiven() -> None:
+    p = InlinePolicy(after=3, long_for_s=10.0, outlier_s=0.008, forgive_every=100)
+    warm(p, "f", 0.0, 100)
+    p.note("f", 0.005, 1.0)  # a page fault or a GC pass: forgiven
+    assert p.inline("f", 1.0)
+    warm(p, "f", 1.0, 96)  # 99 short calls since the last forgiven one: not yet
+    p.note("f", 0.005, 2.0)
+    assert not p.inline("f", 2.0)
+    assert not p.inline("f", 11.999)
+
+
+def test_outliers_are_forgiven_once_per_forgive_every() -> None:
+    p = InlinePolicy(after=3, long_for_s=10.0, outlier_s=0.008, forgive_every=10)
+    warm(p, "f", 0.0, 10)
+    for _ in range(5):
+        p.note("f", 0.005, 0.0)
+        assert p.inline("f", 0.0)
+        warm(p, "f", 0.0, 7)  # after (3) + 7 = forgive_every again
+    p.note("f", 0.005, 0.0)
+    assert p.inline("f", 0.0)
+    p.note("f", 0.005, 0.0)  # two in a row: the second is not forgiven
+    assert not p.inline("f", 0.0)
+
+
+def test_a_call_over_outlier_s_is_never_forgiven() -> None:
+    p = InlinePolicy(after=3, long_for_s=10.0, outlier_s=0.008, forgive_every=100)
+    warm(p, "f", 0.0, 10_000)
+    p.note("f", 0.0081, 1.0)
+    assert not p.inline("f", 1.0)
+    warm(p, "f", 1.0)
+    assert not p.inline("f", 10.999)
+    assert p.inline("f", 11.0)
+
+
+def test_forgive_every_must_exceed_after() -> None:
+    with pytest.raises(ValueError):
+        InlinePolicy(after=3, forgive_every=3)

@@ -17,6 +17,7 @@ its re-run). An inline call that raised counts in neither.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
@@ -25,6 +26,7 @@ import pytest
 
 from fnserver.exec import ExecPool
 from fnserver.exec._inproc import STDERR_MAX
+from fnserver.exec._wasi import thread_deadline
 from fnserver.protocol import (
     FunctionTimeoutError,
     MemoryLimitError,
@@ -566,3 +568,35 @@ def test_threads_that_first_need_an_engine_at_once_share_one(tmp_path: Path) -> 
     for t in threads:
         t.join()
     assert len(got) == 8 and len({id(e) for e in got}) == 1
+
+
+async def test_guest_threads_keep_no_output_between_calls(tmp_path: Path) -> None:
+    """A guest thread lives on after its call: it must not keep that call's output (up to the
+    4 MiB cap each; 14 threads held 56 MB after the soak's clients had left, issue 10)."""
+    flood = wasm_fn(tmp_path, "flood", wf.stdout_flood())
+    eflood = wasm_fn(tmp_path, "eflood", wf.stderr_flood())
+    async with open_pool(tmp_path, 1) as p:
+        await precompile(p, flood, eflood)
+        for fn in (flood, eflood):  # never seen, so never inline: each runs on a thread
+            r = await p.invoke(fn.job(output_bytes=1 << 20, timeout_ms=60_000))
+            assert r.truncated and len(r.output) + len(r.stderr) >= STDERR_MAX
+        assert wasm_stats(p)["thread_calls"] == 2 and wasm_stats(p)["inline_calls"] == 0
+        await settled(p)
+        executor = p.wasm._executor
+        assert executor is not None
+        threads = list(executor._threads)
+        assert threads
+
+        # As many probes as there are guest threads, each waiting for all the others: so
+        # each runs on a thread of its own (an idle thread is reused before a new one is made).
+        together = threading.Barrier(len(threads))
+
+        def held() -> tuple[str, int]:
+            together.wait(timeout=60)  # a bound that turns a hang into a failure
+            call = thread_deadline()
+            return threading.current_thread().name, len(call.out) + len(call.err)
+
+        probes = [executor.submit(held) for _ in threads]
+        seen = dict(f.result() for f in probes)
+        assert {t.name for t in threads} <= set(seen)
+        assert all(n == 0 for n in seen.values()), seen

@@ -421,6 +421,7 @@ class WasmRunner:
             except FnError as exc:  # the guest's own failure: a TIMEOUT, a trap, MEMORY
                 return exc, cost_s
         finally:
+            call.drop_output()  # an overrun's, or a failure's: nobody reads it now
             run.close()
 
 
@@ -435,7 +436,7 @@ def _result(job: InvokeJob, run: GuestRun, call: CallDeadline, duration_us: int)
     lim = job.limits
     mem_limit = lim.memory_mb * 1024 * 1024
     memory, exit_code, failure = run.memory, run.exit_code, run.failure
-    output, stderr = bytes(call.out), bytes(call.err)
+    output, stderr = call.take_output()
     flooded = call.flooded
     near_limit = mem_limit - memory < max(1 << 20, mem_limit // 16)
     if failure is not None:

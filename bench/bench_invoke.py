@@ -7,7 +7,9 @@ fnserver's Builder), each measured as the best in-process floor and through a re
 1 and 64 in flight on one connection and 64 in flight over 8 connections (issue 8, item 6).
 Then the noisy neighbours (issue 8): 10 spinning and 4 sleeping functions kept in flight, each
 on its own connection, while another client's WAT echo is timed (`noisy_echo@1`, target p99
-<= 50 ms). See bench/README.md for what the figures mean. Loopback only; stops by itself.
+<= 50 ms). Last, the design's ceiling: ``bench/_bare.py``, a server that runs the same call
+inline and does nothing else, at 1 and 64 in flight. See bench/README.md for what the figures
+mean. Loopback only; stops by itself.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ FUNCTIONS = {  # key -> what it is
 }
 # (name suffix, calls in flight, connections they are spread over)
 SHAPES = (("@1", 1, 1), ("@64", 64, 1), ("@64/8conn", 64, 8))
+BARE_SHAPES = SHAPES[:2]
 CONNECTIONS = max(n for _, _, n in SHAPES)
 # The noisy neighbours (issue 8): how many distinct functions of each kind are kept in flight
 # (one call each, each on its own connection) while another client's echo is timed.
@@ -393,7 +396,8 @@ async def _noisy(spec: dict[str, Any], phase: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def run_loadgen(address: str, server_pid: int, cfg: dict[str, float]) -> dict[str, Any]:
+def server_phases(cfg: dict[str, float]) -> list[dict[str, Any]]:
+    """fnserver's phases: the ping, each function in each shape, then the noisy neighbours."""
     phases: list[dict[str, Any]] = [
         {"name": "ping@1", "function": None, "in_flight": 1, "connections": 1}]
     for key in FUNCTIONS:
@@ -404,10 +408,28 @@ def run_loadgen(address: str, server_pid: int, cfg: dict[str, float]) -> dict[st
     phases.append({"name": NOISY_PHASE, "function": f"bench-{NOISY_ECHO}",
                    "noise": [f"bench-{key}" for key in noise_keys()],
                    "noise_timeout_ms": cfg["noise_timeout_ms"], "seconds": cfg["noisy_s"]})
+    return phases
+
+
+def bare_phases() -> list[dict[str, Any]]:
+    """The bare server's phases: its ping, each function at 1 and 64 in flight on one
+    connection (it is one process: more connections change nothing)."""
+    phases: list[dict[str, Any]] = [
+        {"name": "ping@1", "function": None, "in_flight": 1, "connections": 1}]
+    for key in FUNCTIONS:
+        for suffix, inflight, conns in BARE_SHAPES:
+            phases.append({"name": key + suffix, "function": f"bench-{key}",
+                           "in_flight": inflight, "connections": conns})
+    return phases
+
+
+def run_loadgen(address: str, server_pid: int, cfg: dict[str, float],
+                phases: list[dict[str, Any]]) -> dict[str, Any]:
     spec = {"address": address, "server_pid": server_pid, "phases": phases,
             "connections": CONNECTIONS, "phase_s": cfg["phase_s"], "warmup_s": cfg["warmup_s"]}
     budget = (60 + len(phases) * (cfg["phase_s"] + cfg["warmup_s"]) * 2
-              + cfg["noisy_s"] + 3 * (cfg["noise_timeout_ms"] / 1000 + 30))
+              + (cfg["noisy_s"] + 3 * (cfg["noise_timeout_ms"] / 1000 + 30)
+                 if any("noise" in ph for ph in phases) else 0))
     proc = subprocess.run(
         [sys.executable, __file__, "--loadgen", json.dumps(spec)],
         capture_output=True, timeout=budget, cwd=ROOT,
@@ -467,6 +489,32 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class BareServer:
+    """``bench/_bare.py`` (the design's ceiling) serving the echo modules as ``bench-KEY``."""
+
+    def __init__(self, modules: dict[str, bytes]) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="fnserver-bare-")
+        for key, wasm in modules.items():
+            (Path(self.tmp) / f"bench-{key}.wasm").write_bytes(wasm)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "_bare.py"), self.tmp],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode(errors="replace")  # ends when it dies
+        m = re.search(r"listening on (\S+)", line)
+        if m is None:
+            self.stop()
+            raise RuntimeError(f"the bare server did not start: {line}")
+        self.address = m.group(1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -540,6 +588,14 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
             server[f"{key}@64/8conn"]["per_s"] / fl[key]["per_s"], 3)
         out[f"{key}_p50_1_vs_2floor_plus_rtt"] = round(
             server[f"{key}@1"]["p50_us"] / (2 * fl[key]["p50_us"] + rtt), 3)
+    bare = result.get("bare")
+    if bare is not None:  # the same ratios for the ceiling, against its own ping
+        bare_rtt = bare["ping@1"]["p50_us"]
+        for key in FUNCTIONS:
+            out[f"{key}_bare_throughput_64_vs_floor"] = round(
+                bare[f"{key}@64"]["per_s"] / fl[key]["per_s"], 3)
+            out[f"{key}_bare_p50_1_vs_2floor_plus_rtt"] = round(
+                bare[f"{key}@1"]["p50_us"] / (2 * fl[key]["p50_us"] + bare_rtt), 3)
     return out
 
 
@@ -568,12 +624,20 @@ def print_table(result: dict[str, Any]) -> None:
             row(f"{key} floor {when}", f, "1", "-", " *" if f is result["floor"][key] else "")
         for suffix, inflight, conns in SHAPES:
             row(f"{key} fnserver", result["server"][key + suffix], str(inflight), str(conns))
+        for suffix, inflight, conns in BARE_SHAPES:
+            row(f"{key} bare", result["bare"][key + suffix], str(inflight), str(conns))
+    row("ping (bare)", result["bare"]["ping@1"], "1", "1")
     print("\n* the floor the ratios use (the faster of the two runs)")
+    print("bare: bench/_bare.py, the same call inline in a server that does nothing else (the"
+          " design's ceiling)")
     r = result["ratios"]
     print(f"\n{'ratio (target)':40}" + "".join(f"{key:>8}" for key in FUNCTIONS))
     for name, target in TARGETS.items():
         print(f"{name + ' (' + target + ')':40}"
               + "".join(f"{r[f'{key}_{name}']:>8.3f}" for key in FUNCTIONS))
+    print("the ceiling, bare:")
+    for name in ("throughput_64_vs_floor", "p50_1_vs_2floor_plus_rtt"):
+        print(f"{'  ' + name:40}" + "".join(f"{r[f'{key}_bare_{name}']:>8.3f}" for key in FUNCTIONS))
     noisy = result["server"][NOISY_PHASE]
     noise = noisy["noise"]
     print(f"\nnoisy neighbours: {NOISE['spin']} spinning + {NOISE['sleep']} sleeping functions, "
@@ -618,9 +682,14 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(a.workers)
     try:
         asyncio.run(_register(server.address, {**modules, **noise_modules()}))
-        result["server"] = run_loadgen(server.address, server.proc.pid, cfg)
+        result["server"] = run_loadgen(server.address, server.proc.pid, cfg, server_phases(cfg))
     finally:
         server.stop()
+    bare = BareServer(modules)
+    try:
+        result["bare"] = run_loadgen(bare.address, bare.proc.pid, cfg, bare_phases())
+    finally:
+        bare.stop()
     after = {key: floor(wasm, cfg["floor_s"]) for key, wasm in modules.items()}
     result["floor_runs"] = {"before": before, "after": after}
     result["floor"] = {

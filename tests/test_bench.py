@@ -40,8 +40,14 @@ def test_invoke_bench_smoke(tmp_path: Path) -> None:
         assert all(r["per_s"] > 0 and r["p50_us"] > 0 for r in runs.values())
     targets = ("throughput_64_vs_floor", "throughput_64_8conn_vs_floor",
                "p50_1_vs_2floor_plus_rtt")
-    assert set(result["ratios"]) == {f"{f}_{t}" for f in functions for t in targets}
+    bare_targets = ("bare_throughput_64_vs_floor", "bare_p50_1_vs_2floor_plus_rtt")
+    assert set(result["ratios"]) == {f"{f}_{t}" for f in functions for t in targets + bare_targets}
     assert all(v > 0 for v in result["ratios"].values())
+    # The design's ceiling (bench/_bare.py) answered every phase, with the right output (the
+    # load generator checks each one).
+    assert set(result["bare"]) == {"ping@1"} | {f + s for f in functions for s in ("@1", "@64")}
+    assert all(p["calls"] > 0 and p["p50_us"] > 0 for p in result["bare"].values())
+    assert b"the ceiling, bare" in proc.stdout
     assert b"ratios" in proc.stdout
     # The noisy neighbours: 10 spinning + 4 sleeping calls kept in flight, each ended by its
     # timeout and re-issued, while another connection's echo was answered (no timing asserted).

@@ -263,7 +263,9 @@ async def _serve(config: ServerConfig, ready_fd: int | None) -> None:
     # What starting made (modules, engines, caches) lives as long as the process: frozen out
     # of the cyclic collector, a full collection scans only what came later. Unfrozen, one
     # took 16-25 ms here, holding the loop and landing inside inline guest calls, which then
-    # looked long and were sent to threads (issue 8).
+    # looked long and were sent to threads (issue 8). Collected first: garbage frozen now
+    # would never be freed.
+    gc.collect()
     gc.freeze()
     if ready_fd is not None:
         os.write(ready_fd, b"r")  # tell the supervisor this serving process is up

@@ -156,11 +156,12 @@ class WasmRunner:
         self._inline_ok = _prepare_inline_stack()
         self._engine(False)
         # Guest threads need room for the 8 MiB wasm stack; the setting applies to threads
-        # created from now on (the pool's, made on demand).
+        # created from now on (the pool's, all started below).
         threading.stack_size(GUEST_THREAD_STACK)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.slots, thread_name_prefix="guest", initializer=_lower_priority
         )
+        _start_every_thread(self._executor, self.slots)
         self._ticker = threading.Thread(target=self._tick, name="epoch", daemon=True)
         self._ticker.start()
 
@@ -491,6 +492,22 @@ def _memory_error(name: str, memory_mb: int, memory: int, stderr: bytes) -> Memo
         f"function {name!r} hit its memory limit of {memory_mb} MiB",
         {"memory_mb": memory_mb, "memory": memory, "stderr": stderr},
     )
+
+
+def _start_every_thread(executor: concurrent.futures.ThreadPoolExecutor, count: int) -> None:
+    """Start the pool's ``count`` threads now rather than one by one on the loop when calls
+    first need them: starting a thread waits until it runs, and with two saturated cores that
+    wait held the loop for over 100 ms (the soak's loop-lag warnings named
+    ``_adjust_thread_count``). Each task waits for all the others, so each gets a new thread;
+    they end together once the last one has started (or give up after a minute)."""
+    together = threading.Barrier(count)
+
+    def wait() -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            together.wait(timeout=60)
+
+    for _ in range(count):
+        executor.submit(wait)
 
 
 def _lower_priority() -> None:

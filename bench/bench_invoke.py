@@ -396,14 +396,20 @@ async def _noisy(spec: dict[str, Any], phase: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def server_phases(cfg: dict[str, float]) -> list[dict[str, Any]]:
-    """fnserver's phases: the ping, each function in each shape, then the noisy neighbours."""
+def _echo_phases(shapes: tuple[tuple[str, int, int], ...]) -> list[dict[str, Any]]:
+    """The ping, then each function in each of ``shapes``."""
     phases: list[dict[str, Any]] = [
         {"name": "ping@1", "function": None, "in_flight": 1, "connections": 1}]
     for key in FUNCTIONS:
-        for suffix, inflight, conns in SHAPES:
+        for suffix, inflight, conns in shapes:
             phases.append({"name": key + suffix, "function": f"bench-{key}",
                            "in_flight": inflight, "connections": conns})
+    return phases
+
+
+def server_phases(cfg: dict[str, float]) -> list[dict[str, Any]]:
+    """fnserver's phases: the ping, each function in each shape, then the noisy neighbours."""
+    phases = _echo_phases(SHAPES)
     # Last, so that no other phase runs while the noise drains.
     phases.append({"name": NOISY_PHASE, "function": f"bench-{NOISY_ECHO}",
                    "noise": [f"bench-{key}" for key in noise_keys()],
@@ -414,13 +420,7 @@ def server_phases(cfg: dict[str, float]) -> list[dict[str, Any]]:
 def bare_phases() -> list[dict[str, Any]]:
     """The bare server's phases: its ping, each function at 1 and 64 in flight on one
     connection (it is one process: more connections change nothing)."""
-    phases: list[dict[str, Any]] = [
-        {"name": "ping@1", "function": None, "in_flight": 1, "connections": 1}]
-    for key in FUNCTIONS:
-        for suffix, inflight, conns in BARE_SHAPES:
-            phases.append({"name": key + suffix, "function": f"bench-{key}",
-                           "in_flight": inflight, "connections": conns})
-    return phases
+    return _echo_phases(BARE_SHAPES)
 
 
 def run_loadgen(address: str, server_pid: int, cfg: dict[str, float],

@@ -989,10 +989,31 @@ def test_outliers_are_forgiven_once_per_forgive_every() -> None:
 
 
 def test_a_call_over_outlier_s_is_never_forgiven() -> None:
-    p = InlinePolicy(after=3, long_for_s=10.0, outlier_s=0.008, forgive_every=100)
+    p = InlinePolicy(after=3, long_for_s=10.0, outlier_s=0.008, forgive_every=100, pause_s=1.0)
     warm(p, "f", 0.0, 10_000)
     p.note("f", 0.0081, 1.0)
     assert not p.inline("f", 1.0)
+    warm(p, "f", 1.0)
+    # After so many short calls it may be a hiccup: threads for pause_s, not long_for_s ...
+    assert not p.inline("f", 1.999)
+    assert p.inline("f", 2.0)
+
+
+def test_a_second_long_call_after_a_hiccup_gets_the_whole_penalty() -> None:
+    p = InlinePolicy(after=3, long_for_s=10.0, outlier_s=0.008, forgive_every=100, pause_s=1.0)
+    warm(p, "f", 0.0, 100)
+    p.note("f", 0.5, 1.0)  # a hiccup: threads until 2.0
+    warm(p, "f", 1.5, 2)
+    p.note("f", 0.5, 1.6)  # long again (only 2 short calls since): threads until 11.6
+    warm(p, "f", 2.0)
+    assert not p.inline("f", 11.599)
+    assert p.inline("f", 11.6)
+
+
+def test_a_long_call_after_fewer_than_forgive_every_short_ones_gets_long_for_s() -> None:
+    p = InlinePolicy(after=3, long_for_s=10.0, outlier_s=0.008, forgive_every=100, pause_s=1.0)
+    warm(p, "f", 0.0, 99)
+    p.note("f", 0.5, 1.0)
     warm(p, "f", 1.0)
     assert not p.inline("f", 10.999)
     assert p.inline("f", 11.0)

@@ -21,7 +21,9 @@ threads for ``long_for_s``. An overrun also stops every function from running in
 run long, their slices hold the loop for at most one slice (20 ms) per ``pause_s`` (1 s).
 
 One slightly long call (at most ``outlier_s``, under the shortest slice) among
-``forgive_every`` short ones is forgiven: a descheduled thread or a collector pass landing in
+``forgive_every`` short ones is forgiven, and a longer one after as many short ones keeps its
+function on threads for ``pause_s`` rather than ``long_for_s`` (a second one gets it all):
+a descheduled thread or a collector pass landing in
 a call must not send a 50 us function to threads for ``long_for_s``, where every call costs
 two thread hand-offs (issue 8: one 16 ms collection inside a C echo's call halved its
 throughput at 64 in flight for the next 10 s; the serving process now freezes what it made
@@ -242,9 +244,13 @@ class InlinePolicy:
             # forgiven only after forgive_every - after more short calls.
             rec.short_runs = self.after
         else:
+            # A call that took long on a thread would hold the loop as long inline. After a
+            # long run of short calls it may still be a hiccup: threads for ``pause_s`` only,
+            # and a second long call (its count is 0 now) gets the whole ``long_for_s``.
+            hiccup = rec.short_runs >= self.forgive_every
             rec.short_runs = 0
-            # A call that took long on a thread would hold the loop as long inline.
-            rec.thread_until = max(rec.thread_until, now + self.long_for_s)
+            penalty = self.pause_s if hiccup else self.long_for_s
+            rec.thread_until = max(rec.thread_until, now + penalty)
 
     def overran(self, key: str, now: float) -> None:
         """An inline call of ``key`` outlived its slice: threads only, for a while (and no

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ from fnclient import AsyncClient, BuildError, NotFoundError, TooLargeError
 
 from fnserver._isolation import SANDBOX_UID_BASE, SANDBOX_UID_COUNT, memcg_dir
 from fnserver.builder import Builder
+from fnserver.builder._proc import BUILD_NICE, run_tool
 from fnserver.config import ServerConfig
+from fnserver.exec._compile import COMPILE_NICE
 from fnserver.exec._modules import ModuleCache
 from fnserver.protocol import InvalidArgumentError
 
@@ -381,3 +384,26 @@ async def test_a_compile_over_its_deadline_names_the_limit(tmp_path: Path) -> No
             await cache.ensure(artifact, hashlib.sha256(wasm).hexdigest(), False)
     finally:
         await cache.close()
+
+
+async def test_toolchains_and_compiles_run_nicer_than_the_serving_loops(tmp_path: Path) -> None:
+    """Under a full machine a build or a compile waits, an invocation does not: a toolchain
+    (and what it starts) and a compile process run BUILD_NICE / COMPILE_NICE above the
+    priority of the process that started them."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    res = await run_tool(["/bin/sh", "-c", "cat /proc/self/stat"], cwd=tmp_path, env={},
+                         memory_bytes=1 << 30)
+    assert res.returncode == 0, res.output
+    nice = int(res.output.rsplit(")", 1)[1].split()[16])  # field 19 of proc(5)
+    assert nice == min(19, base + BUILD_NICE)
+    # The compile process lowers itself first thing in _harden, before wasmtime starts.
+    probe = (
+        "import os; from fnserver.exec._compile import _harden; "
+        "_harden(None); print(os.getpriority(os.PRIO_PROCESS, 0))"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", probe, stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parent.parent
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    assert int(out) == min(19, base + COMPILE_NICE)

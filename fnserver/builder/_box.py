@@ -183,6 +183,7 @@ def _enter_box(cfg: Config) -> None:
 def _limits(cfg: Config) -> None:
     for name, value in cfg.get("rlimits", {}).items():
         resource.setrlimit(_RLIMITS[name], (value, value))
+    os.nice(cfg.get("nice", 0))  # the tool and everything it starts
 
 
 def _drop(cfg: Config) -> None:

@@ -33,6 +33,9 @@ MAX_LOG_BYTES: Final = 256 * 1024
 _FSIZE_LIMIT: Final = 1024 * 1024 * 1024
 #: Processes one build uid may have (go runs a compiler per package, a few at a time).
 BUILD_NPROC: Final = 512
+#: Toolchains run this much nicer than the serving processes' event loops (as guest threads
+#: do): under a full machine a build waits, an invocation does not.
+BUILD_NICE: Final = 10
 #: The launcher's status when it could not set the box up (its message is in the error pipe).
 BOX_FAILED: Final = 125
 _LAUNCHER: Final = str(Path(__file__).with_name("_box.py"))
@@ -81,6 +84,7 @@ def _config(argv: Sequence[str], cwd: Path, env: Mapping[str, str], memory_bytes
         "cwd": str(cwd),
         "errfd": errfd,
         "rlimits": rlimits,
+        "nice": BUILD_NICE,
         "box": box is not None,
     }
     if box is not None:

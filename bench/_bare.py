@@ -81,7 +81,9 @@ class Bare(asyncio.Protocol):
             err_keep=1 << 16,
         )
         try:
-            output, stderr = thread_deadline().take_output()
+            call = thread_deadline()
+            output, stderr = bytes(call.out), bytes(call.err)
+            call.drop_output()
             return InvokeResult(
                 output=output, stderr=stderr, exit_code=run.exit_code,
                 duration_us=(time.perf_counter_ns() - t0) // 1000, version=1,

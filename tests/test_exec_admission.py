@@ -964,8 +964,14 @@ def test_eviction_skips_penalized_records_but_stays_bounded() -> None:
     assert "z" in p._seen and len(p._seen) == 3
 
 
+def forgiving(forgive_every: int = 100) -> InlinePolicy:
+    """The policy the forgiveness tests share (its defaults, spelled out)."""
+    return InlinePolicy(after=3, long_for_s=10.0, pause_s=1.0, outlier_s=0.008,
+                        forgive_every=forgive_every)
+
+
 def test_one_small_outlier_among_many_short_calls_is_forgiven() -> None:
-    p = InlinePolicy(after=3, long_for_s=10.0, outlier_s=0.008, forgive_every=100)
+    p = forgiving()
     warm(p, "f", 0.0, 100)
     p.note("f", 0.005, 1.0)  # a page fault or a GC pass: forgiven
     assert p.inline("f", 1.0)
@@ -976,7 +982,7 @@ def test_one_small_outlier_among_many_short_calls_is_forgiven() -> None:
 
 
 def test_outliers_are_forgiven_once_per_forgive_every() -> None:
-    p = InlinePolicy(after=3, long_for_s=10.0, outlier_s=0.008, forgive_every=10)
+    p = forgiving(forgive_every=10)
     warm(p, "f", 0.0, 10)
     for _ in range(5):
         p.note("f", 0.005, 0.0)
@@ -989,7 +995,7 @@ def test_outliers_are_forgiven_once_per_forgive_every() -> None:
 
 
 def test_a_call_over_outlier_s_is_never_forgiven() -> None:
-    p = InlinePolicy(after=3, long_for_s=10.0, outlier_s=0.008, forgive_every=100, pause_s=1.0)
+    p = forgiving()
     warm(p, "f", 0.0, 10_000)
     p.note("f", 0.0081, 1.0)
     assert not p.inline("f", 1.0)
@@ -1000,7 +1006,7 @@ def test_a_call_over_outlier_s_is_never_forgiven() -> None:
 
 
 def test_a_second_long_call_after_a_hiccup_gets_the_whole_penalty() -> None:
-    p = InlinePolicy(after=3, long_for_s=10.0, outlier_s=0.008, forgive_every=100, pause_s=1.0)
+    p = forgiving()
     warm(p, "f", 0.0, 100)
     p.note("f", 0.5, 1.0)  # a hiccup: threads until 2.0
     warm(p, "f", 1.5, 2)
@@ -1011,7 +1017,7 @@ def test_a_second_long_call_after_a_hiccup_gets_the_whole_penalty() -> None:
 
 
 def test_a_long_call_after_fewer_than_forgive_every_short_ones_gets_long_for_s() -> None:
-    p = InlinePolicy(after=3, long_for_s=10.0, outlier_s=0.008, forgive_every=100, pause_s=1.0)
+    p = forgiving()
     warm(p, "f", 0.0, 99)
     p.note("f", 0.5, 1.0)
     warm(p, "f", 1.0)

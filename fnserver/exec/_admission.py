@@ -22,10 +22,9 @@ run long, their slices hold the loop for at most one slice (20 ms) per ``pause_s
 
 One slightly long call (at most ``outlier_s``, under the shortest slice) among
 ``forgive_every`` short ones is forgiven, and a longer one after as many short ones keeps its
-function on threads for ``pause_s`` rather than ``long_for_s`` (a second one gets it all):
-a descheduled thread or a collector pass landing in
-a call must not send a 50 us function to threads for ``long_for_s``, where every call costs
-two thread hand-offs (issue 8: one 16 ms collection inside a C echo's call halved its
+function on threads for ``pause_s`` rather than ``long_for_s`` (a second one gets it all): a
+descheduled thread or a collector pass landing in a call must not send a 50 us function to
+threads for ``long_for_s``, where every call costs two thread hand-offs (issue 8: one 16 ms collection inside a C echo's call halved its
 throughput at 64 in flight for the next 10 s; the serving process now freezes what it made
 while starting, so collections are shorter, but a descheduled thread still costs ms).
 """
@@ -201,7 +200,8 @@ class InlinePolicy:
     threads after a call of it was not short. ``pause_s``: how long no function runs inline
     after any inline call overran its slice. ``tracked``: functions remembered (LRU).
     ``outlier_s`` / ``forgive_every``: a call of at most ``outlier_s`` after at least
-    ``forgive_every`` consecutive short ones is forgiven (once per ``forgive_every``).
+    ``forgive_every`` consecutive short ones is forgiven (once per ``forgive_every``); a
+    longer one after as many costs ``pause_s`` on threads instead of ``long_for_s``.
     """
 
     def __init__(

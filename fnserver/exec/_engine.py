@@ -131,8 +131,8 @@ def warm_slots(slots: int) -> int:
     slots by default, each tied to the module that last ran in it: after a crowd of distinct
     modules (or one burst of a hot one) the serving process held 4 MiB per slot for good
     (measured: 40 distinct modules that touch 3 MiB each left +168 MB resident; with 4 warm
-    slots +17 MB, with none +5 MB). An eighth of the slots (8 of the default 64) keeps the hot
-    modules warm and bounds what stays resident to about 32 MiB.
+    slots +17 MB, with none +5 MB). A sixteenth of the slots (4 of the default 64) keeps the
+    hot modules warm and bounds what stays resident to about 16 MiB.
     """
     return max(2, slots // 16)
 

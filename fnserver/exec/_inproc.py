@@ -422,7 +422,7 @@ class WasmRunner:
             except FnError as exc:  # the guest's own failure: a TIMEOUT, a trap, MEMORY
                 return exc, cost_s
         finally:
-            call.drop_output()  # an overrun's, or a failure's: nobody reads it now
+            call.drop_output()  # read by now (or never: an overrun's, a failure's)
             run.close()
 
 
@@ -437,7 +437,7 @@ def _result(job: InvokeJob, run: GuestRun, call: CallDeadline, duration_us: int)
     lim = job.limits
     mem_limit = lim.memory_mb * 1024 * 1024
     memory, exit_code, failure = run.memory, run.exit_code, run.failure
-    output, stderr = call.take_output()
+    output, stderr = bytes(call.out), bytes(call.err)
     flooded = call.flooded
     near_limit = mem_limit - memory < max(1 << 20, mem_limit // 16)
     if failure is not None:
